@@ -1,0 +1,1 @@
+"""dlkeeper's actors, one module each, and the persisted state they share."""

@@ -1,0 +1,141 @@
+"""Info hashes of .torrent files and magnet links, without libtorrent.
+
+Only the session worker imports libtorrent; the parent still needs info hashes (to migrate old
+state files, to spot duplicates, for the recovery scripts), and an info hash is just the SHA-1
+(v1) or SHA-256 (v2-only) of the bencoded `info` dictionary, so a small strict bdecoder suffices.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from urllib.parse import parse_qs, urlsplit
+
+from supervisor.errors import InvalidMagnet, InvalidTorrent
+
+_MAX_DEPTH = 64
+_HEX40 = re.compile(r"[0-9a-fA-F]{40}")
+_BASE32_32 = re.compile(r"[A-Za-z2-7]{32}")
+_MULTIHASH_SHA256 = re.compile(r"1220([0-9a-fA-F]{64})")
+
+
+class _Decoder:
+    """A strict bencode parser that records where the top-level `info` value lies."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.info_span: tuple[int, int] | None = None
+
+    def fail(self, reason: str) -> InvalidTorrent:
+        return InvalidTorrent(f"not a valid .torrent: {reason} at byte {self.pos}")
+
+    def value(self, depth: int) -> object:
+        if depth > _MAX_DEPTH:
+            raise self.fail("nesting too deep")
+        if self.pos >= len(self.data):
+            raise self.fail("unexpected end")
+        lead = self.data[self.pos]
+        if lead == ord("i"):
+            return self.integer()
+        if lead == ord("l"):
+            self.pos += 1
+            items = []
+            while self.peek() != ord("e"):
+                items.append(self.value(depth + 1))
+            self.pos += 1
+            return items
+        if lead == ord("d"):
+            return self.dictionary(depth)
+        if ord("0") <= lead <= ord("9"):
+            return self.string()
+        raise self.fail(f"unexpected byte {lead:#04x}")
+
+    def peek(self) -> int:
+        if self.pos >= len(self.data):
+            raise self.fail("unexpected end")
+        return self.data[self.pos]
+
+    def integer(self) -> int:
+        end = self.data.find(b"e", self.pos)
+        if end < 0:
+            raise self.fail("unterminated integer")
+        digits = self.data[self.pos + 1 : end]
+        if not re.fullmatch(rb"-?(0|[1-9][0-9]*)", digits) or digits == b"-0":
+            raise self.fail("malformed integer")
+        self.pos = end + 1
+        return int(digits)
+
+    def string(self) -> bytes:
+        colon = self.data.find(b":", self.pos)
+        if colon < 0 or not re.fullmatch(rb"0|[1-9][0-9]*", self.data[self.pos : colon]):
+            raise self.fail("malformed string length")
+        length = int(self.data[self.pos : colon])
+        start = colon + 1
+        if start + length > len(self.data):
+            raise self.fail("string runs past the end")
+        self.pos = start + length
+        return self.data[start : self.pos]
+
+    def dictionary(self, depth: int) -> dict[bytes, object]:
+        self.pos += 1
+        result: dict[bytes, object] = {}
+        while self.peek() != ord("e"):
+            key = self.string()
+            value_start = self.pos
+            result[key] = self.value(depth + 1)
+            if depth == 0 and key == b"info":
+                self.info_span = (value_start, self.pos)
+        self.pos += 1
+        return result
+
+
+def torrent_info_hash(data: bytes) -> str:
+    """The info hash of a .torrent as lowercase hex: SHA-1 for v1 and hybrid, SHA-256 for v2-only.
+
+    Raises `InvalidTorrent` for anything that is not a bencoded dictionary with an `info`
+    dictionary holding a name and pieces (v1) or a file tree (v2).
+    """
+    decoder = _Decoder(data)
+    root = decoder.value(0)
+    if decoder.pos != len(data):
+        raise decoder.fail("trailing bytes")
+    if not isinstance(root, dict) or decoder.info_span is None:
+        raise InvalidTorrent("not a valid .torrent: no info dictionary")
+    info = root[b"info"]
+    if not isinstance(info, dict) or not isinstance(info.get(b"name"), bytes):
+        raise InvalidTorrent("not a valid .torrent: the info dictionary has no name")
+    start, end = decoder.info_span
+    if isinstance(info.get(b"pieces"), bytes):
+        return hashlib.sha1(data[start:end]).hexdigest()
+    if isinstance(info.get(b"file tree"), dict):
+        return hashlib.sha256(data[start:end]).hexdigest()
+    raise InvalidTorrent("not a valid .torrent: the info dictionary has no pieces")
+
+
+def magnet_info_hash(uri: str) -> str:
+    """The info hash named by a magnet link's `xt` as lowercase hex (v1 preferred over v2).
+
+    Raises `InvalidMagnet` when the link is not a magnet or names no BitTorrent info hash.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme.lower() != "magnet":
+        raise InvalidMagnet("not a magnet link: it does not start with magnet:")
+    v2: str | None = None
+    for topic in parse_qs(parts.query).get("xt", []):
+        if topic.lower().startswith("urn:btih:"):
+            digest = topic[len("urn:btih:") :]
+            if _HEX40.fullmatch(digest):
+                return digest.lower()
+            if _BASE32_32.fullmatch(digest):
+                return base64.b32decode(digest.upper()).hex()
+            raise InvalidMagnet(f"malformed info hash in magnet link: {digest!r}")
+        if topic.lower().startswith("urn:btmh:"):
+            match = _MULTIHASH_SHA256.fullmatch(topic[len("urn:btmh:") :])
+            if match is None:
+                raise InvalidMagnet("malformed v2 info hash in magnet link")
+            v2 = match.group(1).lower()
+    if v2 is not None:
+        return v2
+    raise InvalidMagnet("magnet link names no BitTorrent info hash (xt=urn:btih:...)")

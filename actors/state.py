@@ -1,0 +1,265 @@
+"""The persisted state: the schema of `downloads.json` and the migrations between its versions.
+
+Shared by the persistence actor and the `dlkeeper-state` recovery commands. Pure: no file is
+opened for writing here (`actors.statefile` does that). A version-N file is turned into the
+current one by applying `MIGRATIONS[N]`, `MIGRATIONS[N+1]`, ... to its decoded JSON, then
+validating the result against `StateFile`; adding version 2 is one function in that table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from actors.metainfo import magnet_info_hash, torrent_info_hash
+from supervisor.errors import DlkeeperError, StateTooNew
+
+log = logging.getLogger(__name__)
+
+CURRENT_VERSION = 1
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# A .torrent bigger than this is not read while migrating (real ones are kilobytes to a few MiB).
+MAX_TORRENT_BYTES = 64 * 1024 * 1024
+
+TaskId = Annotated[str, Field(pattern=TASK_ID_PATTERN)]
+FilePriority = Annotated[int, Field(ge=0, le=7)]
+Progress = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class DownloadStatus(StrEnum):
+    """The statuses a download can have in the state file."""
+
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+ACTIVE_STATUSES = frozenset(
+    {DownloadStatus.QUEUED, DownloadStatus.DOWNLOADING, DownloadStatus.PAUSED}
+)
+FINISHED_STATUSES = frozenset({DownloadStatus.COMPLETED, DownloadStatus.FAILED})
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+class DownloadRecord(BaseModel):
+    """One download as persisted (CONTRACT section 3). Immutable: changes make a new record."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_id: TaskId
+    name: str
+    info_hash: str | None
+    created_at: AwareDatetime
+    status: DownloadStatus
+    magnet_link: str | None = None
+    torrent_file_path: str | None = None
+    save_path: str
+    file_priorities: tuple[FilePriority, ...] = ()
+    peers: tuple[str, ...] = ()
+    torrent_metadata: dict[str, Any] = Field(default_factory=dict)
+    validation_metadata: dict[str, Any] = Field(default_factory=dict)
+    progress: Progress = 0.0
+    completed_at: AwareDatetime | None = None
+    error: str | None = None
+
+    _utc = field_validator("created_at", "completed_at")(_as_utc)
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> DownloadRecord:
+        if self.magnet_link is None and self.torrent_file_path is None:
+            raise ValueError("a download needs a magnet_link or a torrent_file_path")
+        return self
+
+    def to_json(self) -> bytes:
+        """The record's JSON as written in the state file."""
+        return orjson.dumps(self.model_dump(), option=orjson.OPT_UTC_Z)
+
+
+class StateFile(BaseModel):
+    """The whole current-version file: `{"version": 1, "downloads": {task_id: record}}`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1]
+    downloads: dict[str, DownloadRecord]
+
+    @model_validator(mode="after")
+    def _keys_are_task_ids(self) -> StateFile:
+        for key, record in self.downloads.items():
+            if key != record.task_id:
+                raise ValueError(f"entry {key!r} holds task_id {record.task_id!r}")
+        return self
+
+
+def encode_state(downloads: Mapping[str, DownloadRecord]) -> bytes:
+    """The bytes of a current-version state file; one download per line, for people who grep."""
+    return encode_records({task_id: r.to_json() for task_id, r in downloads.items()})
+
+
+def encode_records(encoded: Mapping[str, bytes]) -> bytes:
+    """Joins already-encoded records (task_id -> record JSON) into a state file."""
+    lines = b",\n".join(orjson.dumps(task_id) + b":" + blob for task_id, blob in encoded.items())
+    return b'{"version":%d,"downloads":{\n%s\n}}\n' % (CURRENT_VERSION, lines)
+
+
+# --- decoding and migrations --------------------------------------------------------------------
+
+
+class CorruptState(DlkeeperError):
+    """Bytes that are not a state file of any version this dlkeeper knows."""
+
+
+@dataclass(frozen=True)
+class MigrationContext:
+    """What a migration may need to fill new fields."""
+
+    download_path: Path
+
+
+@dataclass(frozen=True)
+class DecodedState:
+    downloads: dict[str, DownloadRecord]
+    from_version: int
+
+
+Migration = Callable[[dict[str, Any], MigrationContext], dict[str, Any]]
+
+_V0_FIELDS = (
+    "task_id",
+    "name",
+    "created_at",
+    "status",
+    "magnet_link",
+    "torrent_file_path",
+    "file_priorities",
+    "torrent_metadata",
+    "validation_metadata",
+)
+
+
+def migrate_v0_to_v1(data: dict[str, Any], context: MigrationContext) -> dict[str, Any]:
+    """The original design's file (`{task_id: entry}`, no version) to version 1.
+
+    Every v0 field is kept. New fields: `info_hash` from the .torrent or the magnet when either
+    can be read (else null, for the session to fill), `save_path` = the configured download path
+    (v0 had one download folder), no peers, progress 0. A naive `created_at` was written with
+    the machine's local time, so it is read as local time and stored as UTC.
+    """
+    downloads: dict[str, Any] = {}
+    for key, entry in data.items():
+        if not isinstance(entry, dict):
+            raise CorruptState(f"v0 entry {key!r} is not an object")
+        unknown = sorted(set(entry) - set(_V0_FIELDS))
+        if unknown:
+            log.warning(
+                "v0 entry %s: dropping unknown fields %s (kept in the v0 backup)", key, unknown
+            )
+        record = {name: entry[name] for name in _V0_FIELDS if name in entry}
+        record["created_at"] = _v0_time(entry.get("created_at"))
+        record["info_hash"] = _v0_info_hash(entry)
+        record["save_path"] = str(context.download_path)
+        record["peers"] = []
+        record["progress"] = 0.0
+        record["completed_at"] = None
+        record["error"] = None
+        for mapping in ("torrent_metadata", "validation_metadata"):
+            if record.get(mapping) is None:
+                record[mapping] = {}
+        if record.get("file_priorities") is None:
+            record["file_priorities"] = []
+        downloads[key] = record
+    return {"version": 1, "downloads": downloads}
+
+
+def _v0_time(value: object) -> object:
+    if not isinstance(value, str):
+        return value  # validation of the v1 record rejects it
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return parsed.astimezone(UTC).isoformat()
+
+
+def _v0_info_hash(entry: dict[str, Any]) -> str | None:
+    path = entry.get("torrent_file_path")
+    if isinstance(path, str) and path:
+        try:
+            torrent = Path(path)
+            if torrent.is_file() and torrent.stat().st_size <= MAX_TORRENT_BYTES:
+                return torrent_info_hash(torrent.read_bytes())
+        except (OSError, DlkeeperError) as exc:
+            log.warning(
+                "v0 entry %s: cannot read info hash from %s: %s", entry.get("task_id"), path, exc
+            )
+    magnet = entry.get("magnet_link")
+    if isinstance(magnet, str) and magnet:
+        try:
+            return magnet_info_hash(magnet)
+        except DlkeeperError as exc:
+            log.warning("v0 entry %s: %s", entry.get("task_id"), exc)
+    return None
+
+
+MIGRATIONS: dict[int, Migration] = {0: migrate_v0_to_v1}
+
+
+def file_version(data: object) -> int:
+    """The schema version of decoded state JSON: its `version`, or 0 for the unversioned v0."""
+    if not isinstance(data, dict):
+        raise CorruptState("the state file is not a JSON object")
+    version = data.get("version")
+    if version is None or isinstance(version, dict):
+        return 0  # no version key (or a v0 download whose task_id is "version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptState(f"the state file has an invalid version {version!r}")
+    return version
+
+
+def decode_state(raw: bytes, path: Path, context: MigrationContext) -> DecodedState:
+    """Parses, migrates and validates a state file's bytes.
+
+    Raises `CorruptState` for anything that is not a valid file of a known version and
+    `StateTooNew` for a file from a newer dlkeeper. Never anything else.
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptState(f"not JSON: {exc}") from None
+    version = file_version(data)
+    if version > CURRENT_VERSION:
+        raise StateTooNew(path, version, CURRENT_VERSION)
+    try:
+        for step in range(version, CURRENT_VERSION):
+            data = MIGRATIONS[step](data, context)
+        state = StateFile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise CorruptState(
+            f"invalid state file at {where or 'top level'}: {first['msg']}"
+        ) from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CorruptState(f"invalid state file: {exc}") from None
+    return DecodedState(downloads=dict(state.downloads), from_version=version)

@@ -1,0 +1,328 @@
+"""`downloads.json` on disk: the lock, crash-safe writes with a backup, and loading with quarantine.
+
+Blocking code: the persistence actor calls it from a worker thread, the recovery commands call
+it directly. Everything that writes the state file, daemon or script, goes through `StateStore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import filelock
+
+from actors.state import (
+    CURRENT_VERSION,
+    CorruptState,
+    DecodedState,
+    DownloadRecord,
+    MigrationContext,
+    decode_state,
+    encode_records,
+)
+from supervisor.errors import StateError, StateLocked
+
+log = logging.getLogger(__name__)
+
+STATE_FILE_NAME = "downloads.json"
+_TEMP_PREFIX = f".{STATE_FILE_NAME}."
+_TEMP_SUFFIX = ".tmp"
+
+
+def state_dir(library_path: Path) -> Path:
+    """Where a library keeps its state: `{library_path}/data`."""
+    return library_path / "data"
+
+
+def utc_stamp() -> str:
+    """A UTC time for backup and quarantine names: `20261124T220000Z`."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+class LoadSource(StrEnum):
+    """Where the loaded state came from."""
+
+    FILE = "file"  # downloads.json
+    BACKUP = "backup"  # downloads.json.bak, because downloads.json was missing or corrupt
+    EMPTY = "empty"  # nothing loadable was left: started empty after quarantining what was there
+    NEW = "new"  # no state file and no backup: a first start
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading found and did, for the log and for `stats`."""
+
+    source: LoadSource
+    migrated_from: int | None = None
+    version_backup: Path | None = None
+    quarantined: tuple[Path, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+@dataclass
+class StateStore:
+    """The state file of one library: its lock, its loading and its writing."""
+
+    directory: Path
+    migration: MigrationContext
+    _lock: filelock.FileLock = field(init=False)
+    _encoded: dict[str, tuple[DownloadRecord, bytes]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self._lock = filelock.FileLock(self.lock_path, thread_local=False)
+
+    @property
+    def path(self) -> Path:
+        return self.directory / STATE_FILE_NAME
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory / f"{STATE_FILE_NAME}.lock"
+
+    @property
+    def backup_path(self) -> Path:
+        return self.directory / f"{STATE_FILE_NAME}.bak"
+
+    @property
+    def _backup_link_path(self) -> Path:
+        return self.directory / f"{_TEMP_PREFIX}bak{_TEMP_SUFFIX}"
+
+    # --- the lock -------------------------------------------------------------------------------
+
+    @property
+    def locked(self) -> bool:
+        return self._lock.is_locked
+
+    def acquire_lock(self) -> None:
+        """Takes the library's state lock, or raises `StateLocked` at once if another holds it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise StateLocked(self.lock_path) from None
+
+    def release_lock(self) -> None:
+        self._lock.release()
+
+    # --- loading --------------------------------------------------------------------------------
+
+    def read(self) -> DecodedState | None:
+        """Decodes `downloads.json` without the lock and without changing anything (for `show`).
+
+        None when there is no state file. Raises `CorruptState` or `StateTooNew`.
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return decode_state(raw, self.path, self.migration)
+
+    def load(self) -> tuple[dict[str, DownloadRecord], LoadReport]:
+        """Loads the state for the lock holder: quarantines a corrupt file, falls back to the
+        backup, migrates an old version (keeping the old file), and leaves a valid current-version
+        `downloads.json` behind whenever there is state to keep.
+
+        Raises `StateTooNew` (touching nothing) for a file from a newer dlkeeper.
+        """
+        self._require_lock()
+        self._remove_stale_temporaries()
+        problems: list[str] = []
+        quarantined: list[Path] = []
+        for candidate, source in (
+            (self.path, LoadSource.FILE),
+            (self.backup_path, LoadSource.BACKUP),
+        ):
+            try:
+                raw = candidate.read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                decoded = decode_state(raw, candidate, self.migration)
+            except CorruptState as exc:
+                problems.append(f"{candidate.name}: {exc}")
+                quarantined.append(self._quarantine(candidate))
+                continue
+            return self._adopt(decoded, source, raw, tuple(quarantined), tuple(problems))
+        source = LoadSource.EMPTY if quarantined else LoadSource.NEW
+        report = LoadReport(source, quarantined=tuple(quarantined), problems=tuple(problems))
+        _log_report(report, self.path, 0)
+        return {}, report
+
+    def _adopt(
+        self,
+        decoded: DecodedState,
+        source: LoadSource,
+        raw: bytes,
+        quarantined: tuple[Path, ...],
+        problems: tuple[str, ...],
+    ) -> tuple[dict[str, DownloadRecord], LoadReport]:
+        version_backup: Path | None = None
+        migrated = decoded.from_version != CURRENT_VERSION
+        if migrated:
+            version_backup = _unique(
+                self.directory / f"{STATE_FILE_NAME}.v{decoded.from_version}-{utc_stamp()}"
+            )
+            _write_file_durably(version_backup, raw)
+        if migrated or source is LoadSource.BACKUP:
+            self.write(decoded.downloads)
+        report = LoadReport(
+            source,
+            migrated_from=decoded.from_version if migrated else None,
+            version_backup=version_backup,
+            quarantined=quarantined,
+            problems=problems,
+        )
+        _log_report(report, self.path, len(decoded.downloads))
+        return decoded.downloads, report
+
+    def _quarantine(self, path: Path) -> Path:
+        """Renames a file that failed to load out of the way, its bytes untouched."""
+        name = f"{STATE_FILE_NAME}.corrupt-{utc_stamp()}"
+        if path == self.backup_path:
+            name = f"{STATE_FILE_NAME}.bak.corrupt-{utc_stamp()}"
+        target = _unique(self.directory / name)
+        path.rename(target)
+        _fsync_directory(self.directory)
+        log.error(
+            "state: %s failed to load; kept as %s for manual recovery", path.name, target.name
+        )
+        return target
+
+    def _remove_stale_temporaries(self) -> None:
+        for leftover in self.directory.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def write(self, downloads: Mapping[str, DownloadRecord]) -> None:
+        """Makes `downloads` the state on disk, durably, keeping the previous file as `.bak`.
+
+        Crash safety, step by step:
+        1. The new bytes go to a temporary file in the same folder, flushed and fsynced, so
+           they are on disk before any name points at them.
+        2. `.bak` becomes a hard link to the current `downloads.json`: link to a temporary name,
+           then rename over `.bak`. A rename is atomic, so `.bak` always names either the old
+           backup or the previous state, both complete files; a link copies no data and keeps
+           the previous file's inode alive after step 3.
+        3. The temporary file is renamed over `downloads.json`: the name always points at a
+           complete state, old or new, never at a partial one.
+        4. The folder is fsynced, which makes the renames durable. Only then does a caller
+           hear that its change is saved. A power cut before this step may undo either rename
+           on its own (journals need not keep their order), which leaves each name on a
+           complete file (the previous state or the new one), and nothing acknowledged is lost.
+
+        Raises `OSError` when the disk refuses (ENOSPC, EIO); the state on disk is then unchanged.
+        """
+        self._require_lock()
+        data = encode_records(self._encode_each(downloads))
+        temporary = _write_temporary(self.directory, data)
+        try:
+            self._link_backup()
+            temporary.replace(self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        _fsync_directory(self.directory)
+
+    def _encode_each(self, downloads: Mapping[str, DownloadRecord]) -> dict[str, bytes]:
+        # Records are immutable, so a record seen before need not be encoded again: a write of
+        # 1,000 downloads after one change encodes one record and joins the rest.
+        encoded: dict[str, bytes] = {}
+        cache: dict[str, tuple[DownloadRecord, bytes]] = {}
+        for task_id, record in downloads.items():
+            cached = self._encoded.get(task_id)
+            blob = cached[1] if cached is not None and cached[0] is record else record.to_json()
+            encoded[task_id] = blob
+            cache[task_id] = (record, blob)
+        self._encoded = cache
+        return encoded
+
+    def _link_backup(self) -> None:
+        link = self._backup_link_path
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        try:
+            os.link(self.path, link)
+        except FileNotFoundError:
+            return  # no previous state to keep
+        link.replace(self.backup_path)
+
+    def _require_lock(self) -> None:
+        if not self._lock.is_locked:
+            raise StateError(f"the state lock {self.lock_path} is not held")
+
+
+def _write_temporary(directory: Path, data: bytes) -> Path:
+    fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            Path(name).unlink()
+        raise
+    os.close(fd)
+    return Path(name)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _write_file_durably(path: Path, data: bytes) -> None:
+    """Writes a new file that must survive a crash (a version backup) by the same atomic route."""
+    temporary = _write_temporary(path.parent, data)
+    temporary.replace(path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unique(path: Path) -> Path:
+    """`path`, or `path-1`, `path-2`, ... so that a second quarantine in one second keeps both."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _log_report(report: LoadReport, path: Path, count: int) -> None:
+    for problem in report.problems:
+        log.error("state: %s", problem)
+    if report.migrated_from is not None:
+        log.warning(
+            "state: migrated %s from version %d; the old file is kept as %s",
+            path.name,
+            report.migrated_from,
+            report.version_backup,
+        )
+    messages = {
+        LoadSource.FILE: "loaded %d downloads from %s",
+        LoadSource.BACKUP: "loaded %d downloads from the backup of %s",
+        LoadSource.EMPTY: "started EMPTY (%d downloads): neither %s nor its backup could be loaded",
+        LoadSource.NEW: "no state yet (%d downloads): %s will be created",
+    }
+    level = (
+        logging.WARNING if report.source in (LoadSource.BACKUP, LoadSource.EMPTY) else logging.INFO
+    )
+    log.log(level, "state: " + messages[report.source], count, path)

@@ -1,0 +1,242 @@
+"""The actor kit: bounded mailboxes, `ActorRef.tell()`/`ask()`, ordered start and reverse stop.
+
+An actor is an object with an async `run(inbox)` that owns its state alone. Other code holds only
+its `ActorRef`. `ActorGroup.start()` runs `on_start()` before returning the ref (so a started actor
+is ready), and `ActorGroup` stops actors in the reverse order of their start. When an actor ends,
+for whatever reason, every `ask()` still waiting on it fails with `ActorDied`.
+
+Two actors must never `ask()` each other: each would wait for the other's answer forever (up to
+the deadline). Let one of them `tell()` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from supervisor.errors import ActorDied, AskTimeout, DlkeeperError, MailboxFull
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+T = TypeVar("T")
+
+DEFAULT_MAILBOX_SIZE = 1024
+
+
+class Reply:
+    """A one-shot answer to an `ask()`: the actor calls `send()` or `fail()` once."""
+
+    __slots__ = ("_done", "_error", "_value")
+
+    def __init__(self) -> None:
+        self._done = anyio.Event()
+        self._value: object = None
+        self._error: BaseException | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self._done.is_set()
+
+    def send(self, value: object) -> None:
+        """Answer with `value`; later answers are ignored."""
+        if not self._done.is_set():
+            self._value = value
+            self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        """Answer by raising `error` in the asker; later answers are ignored."""
+        if not self._done.is_set():
+            self._error = error
+            self._done.set()
+
+    async def wait(self) -> object:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope(Generic[M]):
+    """A message in a mailbox; `reply` is None for a `tell()`."""
+
+    message: M
+    reply: Reply | None = None
+
+
+class Actor(Generic[M]):
+    """Base of every actor. Subclasses implement `run()` and may override the hooks."""
+
+    name: str = "actor"
+
+    async def on_start(self) -> None:
+        """Runs before the actor's ref is handed out; an exception here fails the start."""
+
+    async def run(self, inbox: MemoryObjectReceiveStream[Envelope[M]]) -> None:
+        """Handles messages until the inbox is closed (a stop) or an error ends the actor."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    async def on_stop(self) -> None:
+        """Runs after `run()` returns or fails, shielded from cancellation."""
+
+
+@dataclass(eq=False)
+class ActorRef(Generic[M]):
+    """The only handle on an actor: `tell()` and `ask()` over its bounded mailbox."""
+
+    name: str
+    _mailbox: MemoryObjectSendStream[Envelope[M]]
+    _pending: set[Reply] = field(default_factory=set)
+    _death: ActorDied | None = None
+    _finished: anyio.Event = field(default_factory=anyio.Event)
+    _scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+    @property
+    def alive(self) -> bool:
+        return self._death is None
+
+    async def tell(self, message: M) -> None:
+        """Delivers `message` without waiting for an answer; waits while the mailbox is full."""
+        self._check_alive()
+        try:
+            await self._mailbox.send(Envelope(message))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._death or ActorDied(self.name) from None
+
+    def tell_nowait(self, message: M) -> None:
+        """Delivers `message` at once, or raises `MailboxFull`."""
+        self._check_alive()
+        try:
+            self._mailbox.send_nowait(Envelope(message))
+        except anyio.WouldBlock:
+            raise MailboxFull(self.name) from None
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._death or ActorDied(self.name) from None
+
+    async def ask(self, message: M, *, timeout: float) -> object:
+        """Sends `message` and waits up to `timeout` seconds for the answer (or its error)."""
+        self._check_alive()
+        reply = Reply()
+        self._pending.add(reply)
+        try:
+            with anyio.fail_after(timeout):
+                try:
+                    await self._mailbox.send(Envelope(message, reply))
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    raise self._death or ActorDied(self.name) from None
+                return await reply.wait()
+        except TimeoutError:
+            raise AskTimeout(self.name, type(message).__name__, timeout) from None
+        finally:
+            self._pending.discard(reply)
+
+    async def wait_finished(self) -> None:
+        """Returns once the actor has ended."""
+        await self._finished.wait()
+
+    def _check_alive(self) -> None:
+        if self._death is not None:
+            raise self._death
+
+    def _mark_dead(self, cause: BaseException | None) -> None:
+        self._death = ActorDied(self.name, cause)
+        for reply in list(self._pending):
+            reply.fail(self._death)
+        self._pending.clear()
+        self._finished.set()
+
+
+async def _run_actor(
+    actor: Actor[M],
+    mailbox_size: int,
+    *,
+    task_status: TaskStatus[ActorRef[M]],
+) -> None:
+    send, receive = anyio.create_memory_object_stream[Envelope[M]](mailbox_size)
+    ref = ActorRef(actor.name, send)
+    cause: BaseException | None = None
+    try:
+        with ref._scope:
+            await actor.on_start()
+            task_status.started(ref)
+            async with receive:
+                await actor.run(receive)
+    except BaseException as exc:
+        cause = exc
+        if isinstance(exc, DlkeeperError):
+            log.error("actor %s failed: %s", actor.name, exc)  # noqa: TRY400 - expected, no trace
+        elif not isinstance(exc, anyio.get_cancelled_exc_class()):
+            log.exception("actor %s failed", actor.name)
+        raise
+    finally:
+        # Every ask queued or in progress is in ref._pending: it fails now, not at its deadline.
+        ref._mark_dead(cause)
+        with anyio.CancelScope(shield=True):
+            await actor.on_stop()
+
+
+class ActorGroup:
+    """Starts actors in order and stops them in reverse order; one failing actor stops the group."""
+
+    def __init__(self, task_group: TaskGroup, stop_timeout: float) -> None:
+        self._task_group = task_group
+        self._stop_timeout = stop_timeout
+        self._refs: list[ActorRef[Any]] = []
+
+    async def start(
+        self, actor: Actor[M], *, mailbox_size: int = DEFAULT_MAILBOX_SIZE
+    ) -> ActorRef[M]:
+        """Starts `actor` and returns its ref once `on_start()` has finished."""
+        ref: ActorRef[M] = await self._task_group.start(_run_actor, actor, mailbox_size)
+        self._refs.append(ref)
+        return ref
+
+    async def stop_all(self) -> None:
+        """Stops every actor, last started first; each gets `stop_timeout` to finish its inbox."""
+        with anyio.CancelScope(shield=True):
+            for ref in reversed(self._refs):
+                await stop(ref, self._stop_timeout)
+            self._refs.clear()
+
+
+async def stop(ref: ActorRef[Any], timeout: float) -> None:
+    """Closes the actor's mailbox and waits for it to finish what is queued.
+
+    An actor that has not ended after `timeout` seconds is cancelled.
+    """
+    await ref._mailbox.aclose()
+    with anyio.move_on_after(timeout):
+        await ref.wait_finished()
+        return
+    log.warning("actor %s did not stop within %g s; cancelling it", ref.name, timeout)
+    ref._scope.cancel()
+    await ref.wait_finished()
+
+
+@asynccontextmanager
+async def actor_group(stop_timeout: float = 10.0) -> AsyncIterator[ActorGroup]:
+    """A task group of actors that are stopped in reverse start order on exit."""
+    async with anyio.create_task_group() as task_group:
+        group = ActorGroup(task_group, stop_timeout)
+        try:
+            yield group
+        finally:
+            try:
+                await group.stop_all()
+            finally:
+                task_group.cancel_scope.cancel()
+
+
+def expect(reply: object, kind: type[T]) -> T:
+    """`reply` as a `kind`; an actor answering with anything else is a bug in dlkeeper."""
+    if not isinstance(reply, kind):
+        raise DlkeeperError(f"expected a {kind.__name__}, got {type(reply).__name__}")
+    return reply
