@@ -12,7 +12,7 @@ the deadline). Let one of them `tell()` instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -85,7 +85,10 @@ class Actor(Generic[M]):
         raise NotImplementedError  # pragma: no cover - abstract
 
     async def on_stop(self) -> None:
-        """Runs after `run()` returns or fails, shielded from cancellation."""
+        """Runs after `run()` returns or fails, shielded from cancellation.
+
+        It does not run when `on_start()` failed: `on_start()` cleans up after itself.
+        """
 
 
 @dataclass(eq=False)
@@ -109,7 +112,7 @@ class ActorRef(Generic[M]):
         try:
             await self._mailbox.send(Envelope(message))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise self._death or ActorDied(self.name) from None
+            raise self._died() from None
 
     def tell_nowait(self, message: M) -> None:
         """Delivers `message` at once, or raises `MailboxFull`."""
@@ -119,7 +122,7 @@ class ActorRef(Generic[M]):
         except anyio.WouldBlock:
             raise MailboxFull(self.name) from None
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise self._death or ActorDied(self.name) from None
+            raise self._died() from None
 
     async def ask(self, message: M, *, timeout: float) -> object:
         """Sends `message` and waits up to `timeout` seconds for the answer (or its error)."""
@@ -127,48 +130,59 @@ class ActorRef(Generic[M]):
         reply = Reply()
         self._pending.add(reply)
         try:
-            with anyio.fail_after(timeout):
+            # Not fail_after(): a TimeoutError the actor answers with is its answer, not ours.
+            with anyio.move_on_after(timeout):
                 try:
                     await self._mailbox.send(Envelope(message, reply))
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    raise self._death or ActorDied(self.name) from None
+                    raise self._died() from None
                 return await reply.wait()
-        except TimeoutError:
-            raise AskTimeout(self.name, type(message).__name__, timeout) from None
         finally:
             self._pending.discard(reply)
+        raise AskTimeout(self.name, type(message).__name__, timeout)
 
     async def wait_finished(self) -> None:
-        """Returns once the actor has ended."""
+        """Returns once the actor has ended, `on_stop()` included."""
         await self._finished.wait()
 
     def _check_alive(self) -> None:
         if self._death is not None:
-            raise self._death
+            raise self._died()
+
+    def _died(self) -> ActorDied:
+        # A fresh error per caller: one instance raised in many tasks piles up their tracebacks.
+        return ActorDied(self.name, self._death.cause if self._death is not None else None)
 
     def _mark_dead(self, cause: BaseException | None) -> None:
         self._death = ActorDied(self.name, cause)
         for reply in list(self._pending):
-            reply.fail(self._death)
+            reply.fail(self._died())
         self._pending.clear()
-        self._finished.set()
 
 
 async def _run_actor(
     actor: Actor[M],
     mailbox_size: int,
+    register: Callable[[ActorRef[M]], None],
     *,
     task_status: TaskStatus[ActorRef[M]],
 ) -> None:
     send, receive = anyio.create_memory_object_stream[Envelope[M]](mailbox_size)
-    ref = ActorRef(actor.name, send)
+    try:
+        await actor.on_start()
+    except BaseException:
+        send.close()
+        receive.close()
+        raise
+    # Shielded: only `stop()` ends an actor, never the group's cancellation, so that the group
+    # can stop its actors one at a time in reverse start order, whatever made it stop.
+    ref = ActorRef(actor.name, send, _scope=anyio.CancelScope(shield=True))
+    register(ref)  # before started(): a start() cancelled right now must not lose the actor
+    task_status.started(ref)
     cause: BaseException | None = None
     try:
-        with ref._scope:
-            await actor.on_start()
-            task_status.started(ref)
-            async with receive:
-                await actor.run(receive)
+        with ref._scope, receive:
+            await actor.run(receive)
     except BaseException as exc:
         cause = exc
         if isinstance(exc, DlkeeperError):
@@ -179,12 +193,19 @@ async def _run_actor(
     finally:
         # Every ask queued or in progress is in ref._pending: it fails now, not at its deadline.
         ref._mark_dead(cause)
-        with anyio.CancelScope(shield=True):
-            await actor.on_stop()
+        try:
+            with anyio.CancelScope(shield=True):
+                await actor.on_stop()
+        finally:
+            ref._finished.set()
 
 
 class ActorGroup:
-    """Starts actors in order and stops them in reverse order; one failing actor stops the group."""
+    """Starts actors in order and stops them in reverse order; one failing actor stops the group.
+
+    Made by `actor_group()`: its actors ignore the task group's cancellation and end only when
+    `stop_all()` (or `stop()`) stops them.
+    """
 
     def __init__(self, task_group: TaskGroup, stop_timeout: float) -> None:
         self._task_group = task_group
@@ -195,8 +216,9 @@ class ActorGroup:
         self, actor: Actor[M], *, mailbox_size: int = DEFAULT_MAILBOX_SIZE
     ) -> ActorRef[M]:
         """Starts `actor` and returns its ref once `on_start()` has finished."""
-        ref: ActorRef[M] = await self._task_group.start(_run_actor, actor, mailbox_size)
-        self._refs.append(ref)
+        ref: ActorRef[M] = await self._task_group.start(
+            _run_actor, actor, mailbox_size, self._refs.append
+        )
         return ref
 
     async def stop_all(self) -> None:

@@ -65,7 +65,8 @@ def _show(store: StateStore, *, as_json: bool) -> int:
         return EXIT_OK
     if decoded.from_version != 1:
         print(f"(version {decoded.from_version} file: the daemon migrates it when it next starts)")
-    print(f"{len(downloads)} downloads in {store.path}")
+    count = len(downloads)
+    print(f"{count} download{"" if count == 1 else "s"} in {store.path}")
     for record in sorted(downloads.values(), key=lambda r: r.created_at):
         print(
             f"{record.task_id:24} {record.status:11} {record.progress:6.1%}  "
