@@ -66,7 +66,8 @@ def _show(store: StateStore, *, as_json: bool) -> int:
     if decoded.from_version != 1:
         print(f"(version {decoded.from_version} file: the daemon migrates it when it next starts)")
     count = len(downloads)
-    print(f"{count} download{"" if count == 1 else "s"} in {store.path}")
+    plural = "" if count == 1 else "s"
+    print(f"{count} download{plural} in {store.path}")
     for record in sorted(downloads.values(), key=lambda r: r.created_at):
         print(
             f"{record.task_id:24} {record.status:11} {record.progress:6.1%}  "
