@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.state import FINISHED_STATUSES, DownloadRecord
@@ -37,6 +38,9 @@ from supervisor.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+_MAX_SETTLE_TURNS = 64
+_QUIET_TURNS = 2
 
 
 def apply_mutation(downloads: dict[str, DownloadRecord], mutation: StateMutation) -> DownloadRecord:
@@ -107,6 +111,9 @@ class PersistenceActor(Actor[PersistenceCommand]):
             task_group.start_soon(self._write_loop)
             async for envelope in inbox:
                 self._handle(envelope.message, envelope.reply)
+                # Take everything already waiting in one turn, so that it joins the next write.
+                for waiting in _ready(inbox):
+                    self._handle(waiting.message, waiting.reply)
             self._inbox_closed = True
             self._wake.set()  # the write loop saves what is queued, then returns
 
@@ -159,6 +166,7 @@ class PersistenceActor(Actor[PersistenceCommand]):
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 continue
+            await self._let_answered_callers_queue()
             batch, self._queued = self._queued, []
             snapshot = dict(self._working)
             try:
@@ -174,6 +182,19 @@ class PersistenceActor(Actor[PersistenceCommand]):
                 if pending.reply is not None:
                     pending.reply.send(RecordReply(record=pending.record))
 
+    async def _let_answered_callers_queue(self) -> None:
+        # Callers answered by the previous write need a few scheduler turns to send their next
+        # change. Starting the next write at once would leave them for the write after, and
+        # steady callers would split into two alternating half-size groups. So wait while the
+        # queue still grows, a bounded number of turns (a constant stream cannot stall writes).
+        quiet_turns = 0
+        for _ in range(_MAX_SETTLE_TURNS):
+            queued = len(self._queued)
+            await anyio.lowlevel.checkpoint()
+            quiet_turns = quiet_turns + 1 if len(self._queued) == queued else 0
+            if quiet_turns >= _QUIET_TURNS:
+                return
+
     def _write_failed(self, batch: list[_Pending], exc: OSError) -> None:
         error = StateWriteFailed(f"could not save the download state: {exc}")
         log.error("persistence: %s; %d changes refused", error, len(batch))
@@ -185,6 +206,17 @@ class PersistenceActor(Actor[PersistenceCommand]):
         later, self._queued = self._queued, []
         for pending in later:
             self._handle(pending.mutation, pending.reply)
+
+
+def _ready(
+    inbox: MemoryObjectReceiveStream[Envelope[PersistenceCommand]],
+) -> list[Envelope[PersistenceCommand]]:
+    ready: list[Envelope[PersistenceCommand]] = []
+    while True:
+        try:
+            ready.append(inbox.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return ready
 
 
 class Persistence:

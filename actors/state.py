@@ -9,7 +9,7 @@ validating the result against `StateFile`; adding version 2 is one function in t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -114,13 +114,19 @@ class StateFile(BaseModel):
 
 def encode_state(downloads: Mapping[str, DownloadRecord]) -> bytes:
     """The bytes of a current-version state file; one download per line, for people who grep."""
-    return encode_records({task_id: r.to_json() for task_id, r in downloads.items()})
+    return encode_entries([encode_entry(task_id, r) for task_id, r in downloads.items()])
 
 
-def encode_records(encoded: Mapping[str, bytes]) -> bytes:
-    """Joins already-encoded records (task_id -> record JSON) into a state file."""
-    lines = b",\n".join(orjson.dumps(task_id) + b":" + blob for task_id, blob in encoded.items())
-    return b'{"version":%d,"downloads":{\n%s\n}}\n' % (CURRENT_VERSION, lines)
+def encode_entry(task_id: str, record: DownloadRecord) -> bytes:
+    """One `"task_id":{...}` line of the state file."""
+    return orjson.dumps(task_id) + b":" + record.to_json()
+
+
+def encode_entries(entries: Iterable[bytes]) -> bytes:
+    """Joins lines made by `encode_entry` into a state file."""
+    return b"".join(
+        (b'{"version":%d,"downloads":{\n' % CURRENT_VERSION, b",\n".join(entries), b"\n}}\n")
+    )
 
 
 # --- decoding and migrations --------------------------------------------------------------------

@@ -25,7 +25,8 @@ from actors.state import (
     DownloadRecord,
     MigrationContext,
     decode_state,
-    encode_records,
+    encode_entries,
+    encode_entry,
 )
 from supervisor.errors import StateError, StateLocked
 
@@ -222,7 +223,7 @@ class StateStore:
         Raises `OSError` when the disk refuses (ENOSPC, EIO); the state on disk is then unchanged.
         """
         self._require_lock()
-        data = encode_records(self._encode_each(downloads))
+        data = encode_entries(self._encode_each(downloads))
         temporary = _write_temporary(self.directory, data)
         try:
             self._link_backup()
@@ -233,18 +234,20 @@ class StateStore:
             raise
         _fsync_directory(self.directory)
 
-    def _encode_each(self, downloads: Mapping[str, DownloadRecord]) -> dict[str, bytes]:
+    def _encode_each(self, downloads: Mapping[str, DownloadRecord]) -> list[bytes]:
         # Records are immutable, so a record seen before need not be encoded again: a write of
         # 1,000 downloads after one change encodes one record and joins the rest.
-        encoded: dict[str, bytes] = {}
+        lines: list[bytes] = []
         cache: dict[str, tuple[DownloadRecord, bytes]] = {}
         for task_id, record in downloads.items():
             cached = self._encoded.get(task_id)
-            blob = cached[1] if cached is not None and cached[0] is record else record.to_json()
-            encoded[task_id] = blob
-            cache[task_id] = (record, blob)
+            line = cached[1] if cached is not None and cached[0] is record else None
+            if line is None:
+                line = encode_entry(task_id, record)
+            lines.append(line)
+            cache[task_id] = (record, line)
         self._encoded = cache
-        return encoded
+        return lines
 
     def _link_backup(self) -> None:
         link = self._backup_link_path
