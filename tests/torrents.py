@@ -37,12 +37,7 @@ def make_payload(
         content = os.urandom(size)
         path.write_bytes(content)
         hashes[str(Path(name) / relative)] = hashlib.sha256(content).hexdigest()
-    if hasattr(lt, "list_files"):  # libtorrent 2.1; add_files is deprecated there
-        creator = lt.create_torrent(lt.list_files(str(root / name)), piece_size, flags)
-    else:
-        storage = lt.file_storage()
-        lt.add_files(storage, str(root / name))
-        creator = lt.create_torrent(storage, piece_size, flags=flags)
+    creator = lt.create_torrent(lt.list_files(str(root / name)), piece_size, flags)
     lt.set_piece_hashes(creator, str(root))
     torrent = lt.bencode(creator.generate())
     info = lt.torrent_info(torrent)

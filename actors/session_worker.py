@@ -1,0 +1,506 @@
+"""The session worker: the child process that owns the libtorrent session, and nothing else.
+
+Started by the session actor as `python -m actors.session_worker`. It reads one JSON command
+per line on stdin and writes replies and events, one JSON object per line, on stdout; logs go to
+stderr. The first command configures the session; the worker answers it with `ready` (or with
+`settings_rejected`). After that it is driven by libtorrent's alerts, not by polling: libtorrent
+writes a byte to a pipe when alerts are waiting, and one `select()` waits on that pipe and on
+stdin together, so a finished torrent is reported as soon as libtorrent says so.
+
+This is the only module that imports libtorrent; libtorrent objects never leave it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import select
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import libtorrent as lt
+import orjson
+from pydantic import ValidationError
+
+from supervisor.errors import BadRequest, DlkeeperError, InvalidMagnet, InvalidTorrent, NotFound
+from supervisor.messages import (
+    WORKER_REQUESTS,
+    AddTorrent,
+    ConfigureSession,
+    FileEntry,
+    GetTorrentStatus,
+    Message,
+    MetadataReceived,
+    PauseTorrent,
+    Ping,
+    RemoveTorrent,
+    ResumeDataSaved,
+    ResumeTorrent,
+    SaveResumeData,
+    SetFilePriorities,
+    SettingsRejected,
+    TorrentFailed,
+    TorrentFinished,
+    TorrentStateChanged,
+    TorrentStatus,
+    WireError,
+    WorkerReady,
+    WorkerReply,
+    WorkerRequest,
+)
+
+log = logging.getLogger("dlkeeper.worker")
+
+_ALERT_MASK = (
+    lt.alert.category_t.error_notification
+    | lt.alert.category_t.status_notification
+    | lt.alert.category_t.storage_notification
+)
+
+# dlkeeper's session defaults; the config's [libtorrent] table is applied over them.
+DEFAULT_SETTINGS: dict[str, str | int | bool] = {
+    "user_agent": "dlkeeper/libtorrent-" + lt.__version__,
+    "alert_mask": int(_ALERT_MASK),
+    "alert_queue_size": 10_000,
+    # Everything dlkeeper does to a torrent is explicit: no surprise seeding of removed files,
+    # no libtorrent-side stop of a finished torrent.
+    "auto_manage_prefer_seeds": False,
+}
+
+_SAVE_RESUME_FLAGS = lt.torrent_handle.save_info_dict | lt.torrent_handle.flush_disk_cache
+
+
+def check_settings(settings: dict[str, str | int | bool]) -> tuple[str, str] | None:
+    """The first unknown or mistyped `settings_pack` key and why, or None when all are fine."""
+    known: dict[str, object] = dict(lt.default_settings())
+    for key, value in settings.items():
+        if key not in known:
+            return key, "unknown libtorrent setting"
+        expected = type(known[key])
+        if type(value) is not expected:
+            names = {bool: "a boolean", int: "an integer", str: "a string"}
+            return key, f"must be {names[expected]}, got {value!r}"
+    return None
+
+
+def info_hash_of(hashes: Any) -> str:
+    """The info hash dlkeeper uses: v1 (SHA-1) hex, or the v2 (SHA-256) hex for v2-only."""
+    return str(hashes.v1) if hashes.has_v1() else str(hashes.v2)
+
+
+def parse_peer(peer: str) -> tuple[str, int]:
+    """`"host:port"` or `"[v6]:port"` to a (host, port) pair; raises `BadRequest`."""
+    host, sep, port = peer.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(f"peer {peer!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class _Torrent:
+    task_id: str
+    handle: Any
+    info_hash: str
+    pending_priorities: tuple[int, ...] | None = None
+    last_state: str = ""
+
+
+@dataclass
+class _PendingSave:
+    """A `save_resume_data` request answered once every download it names has been saved."""
+
+    request_id: int
+    waiting: set[str]
+    saved: int = 0
+    failed: int = 0
+
+
+@dataclass
+class SessionWorker:
+    """The worker's state and its command and alert handlers (single-threaded)."""
+
+    send: Callable[[Message], None]
+    session: Any = None
+    torrents: dict[str, _Torrent] = field(default_factory=dict)
+    by_hash: dict[str, str] = field(default_factory=dict)  # info hash -> task_id
+    adding: dict[str, tuple[int, AddTorrent]] = field(default_factory=dict)  # info hash -> request
+    saves: list[_PendingSave] = field(default_factory=list)
+
+    # --- commands -------------------------------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> None:
+        request_id = 0
+        try:
+            data = orjson.loads(line)
+            if isinstance(data, dict) and isinstance(data.get("id"), int):
+                request_id = data["id"]
+            request = WORKER_REQUESTS.validate_python(data)
+            self.handle(request)
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            self.reply_error(request_id, BadRequest(f"malformed worker command: {exc}"))
+        except DlkeeperError as exc:
+            self.reply_error(request_id, exc)
+        except Exception as exc:
+            log.exception("command failed")
+            self.reply_error(request_id, exc)
+
+    def handle(self, request: WorkerRequest) -> None:
+        if isinstance(request, ConfigureSession):
+            self.configure(request)
+            return
+        if self.session is None:
+            raise BadRequest("the session is not configured yet")
+        if isinstance(request, AddTorrent):
+            self.add(request)
+        elif isinstance(request, PauseTorrent):
+            torrent = self.torrent(request.task_id)
+            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.pause()
+            self.request_save({request.task_id})
+            self.reply(request.id, {})
+        elif isinstance(request, ResumeTorrent):
+            torrent = self.torrent(request.task_id)
+            torrent.handle.set_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.resume()
+            self.reply(request.id, {})
+        elif isinstance(request, RemoveTorrent):
+            self.remove(request)
+        elif isinstance(request, SetFilePriorities):
+            self.set_priorities(request)
+        elif isinstance(request, GetTorrentStatus):
+            self.status(request)
+        elif isinstance(request, SaveResumeData):
+            self.save_resume_data(request)
+        elif isinstance(request, Ping):
+            self.reply(request.id, {"torrents": len(self.torrents)})
+
+    def configure(self, request: ConfigureSession) -> None:
+        if self.session is not None:
+            raise BadRequest("the session is already configured")
+        rejected = check_settings(request.settings)
+        if rejected is not None:
+            self.send(SettingsRejected(key=rejected[0], reason=rejected[1]))
+            return
+        settings = {**DEFAULT_SETTINGS, **request.settings}
+        self.session = lt.session(cast("lt.settings_pack", settings))
+        self.send(
+            WorkerReady(libtorrent_version=lt.__version__, listen_port=self.session.listen_port())
+        )
+
+    def add(self, request: AddTorrent) -> None:
+        if request.task_id in self.torrents:
+            raise BadRequest(f"download {request.task_id} is already in the session")
+        params = self.add_params(request)
+        params.save_path = request.save_path
+        if request.file_priorities:
+            params.file_priorities = list(request.file_priorities)
+        for peer in request.peers:
+            try:
+                params.peers = [*params.peers, parse_peer(peer)]
+            except BadRequest as exc:
+                log.warning("%s: %s", request.task_id, exc)
+        # A running download is added paused and auto-managed, and libtorrent's queue starts it:
+        # one started directly in a session's first half second (before its first tick) loses
+        # its first peer connections for a minute. A paused one stays paused until resumed.
+        flags = params.flags | lt.torrent_flags.duplicate_is_error | lt.torrent_flags.paused
+        if request.paused:
+            flags &= ~lt.torrent_flags.auto_managed
+        else:
+            flags |= lt.torrent_flags.auto_managed
+        params.flags = flags
+        info_hash = info_hash_of(params.ti.info_hashes() if params.ti else params.info_hashes)
+        if info_hash in self.adding or info_hash in self.by_hash:
+            other = self.by_hash.get(info_hash) or self.adding[info_hash][1].task_id
+            raise BadRequest(f"torrent {info_hash} is already in the session as {other}")
+        self.adding[info_hash] = (request.id, request)
+        self.session.async_add_torrent(params)
+
+    def add_params(self, request: AddTorrent) -> Any:
+        params = None
+        if request.resume_b64:
+            try:
+                params = lt.read_resume_data(base64.b64decode(request.resume_b64))
+            except RuntimeError as exc:
+                # Unreadable resume data costs a re-check, not the download.
+                log.warning(
+                    "%s: resume data unreadable (%s); adding without it", request.task_id, exc
+                )
+        if request.torrent_b64:
+            try:
+                info = lt.torrent_info(base64.b64decode(request.torrent_b64))
+            except RuntimeError as exc:
+                raise InvalidTorrent(f"not a valid .torrent: {exc}") from None
+            if params is None:
+                params = lt.add_torrent_params()
+            if params.ti is None:
+                params.ti = info
+        elif request.magnet:
+            try:
+                magnet = lt.parse_magnet_uri(request.magnet)
+            except RuntimeError as exc:
+                raise InvalidMagnet(f"not a valid magnet link: {exc}") from None
+            if params is None:
+                params = magnet
+            else:
+                params.peers = list(params.peers) + list(magnet.peers)
+        if params is None:
+            raise BadRequest("an add needs torrent_b64, magnet or resume_b64")
+        return params
+
+    def torrent(self, task_id: str) -> _Torrent:
+        torrent = self.torrents.get(task_id)
+        if torrent is None:
+            raise NotFound(task_id)
+        return torrent
+
+    def remove(self, request: RemoveTorrent) -> None:
+        torrent = self.torrents.pop(request.task_id, None)
+        if torrent is None:
+            raise NotFound(request.task_id)
+        self.by_hash.pop(torrent.info_hash, None)
+        flags = lt.session.delete_files if request.delete_files else 0
+        self.session.remove_torrent(torrent.handle, flags)
+        self.forget_saves(request.task_id)
+        self.reply(request.id, {})
+
+    def set_priorities(self, request: SetFilePriorities) -> None:
+        torrent = self.torrent(request.task_id)
+        if not torrent.handle.status(0).has_metadata:
+            torrent.pending_priorities = request.file_priorities
+            self.reply(request.id, {"applied": False})
+            return
+        count = torrent.handle.torrent_file().num_files()
+        if len(request.file_priorities) != count:
+            raise BadRequest(
+                f"file_priorities has {len(request.file_priorities)} entries; "
+                f"the torrent has {count} files"
+            )
+        torrent.handle.prioritize_files(list(request.file_priorities))
+        self.reply(request.id, {"applied": True})
+
+    def status(self, request: GetTorrentStatus) -> None:
+        if request.task_id is not None:
+            chosen = [self.torrent(request.task_id)]
+        else:
+            chosen = list(self.torrents.values())
+        statuses = [self.torrent_status(t).model_dump(mode="json") for t in chosen]
+        self.reply(request.id, {"torrents": statuses})
+
+    def torrent_status(self, torrent: _Torrent) -> TorrentStatus:
+        status = torrent.handle.status()
+        files: tuple[FileEntry, ...] = ()
+        if status.has_metadata:
+            storage = torrent.handle.torrent_file().layout()
+            priorities = torrent.handle.get_file_priorities()
+            files = tuple(
+                FileEntry(
+                    path=storage.file_path(index),
+                    size=storage.file_size(index),
+                    priority=int(priorities[index]),
+                )
+                for index in range(storage.num_files())
+            )
+        flags = status.flags
+        return TorrentStatus(
+            task_id=torrent.task_id,
+            info_hash=torrent.info_hash,
+            name=status.name,
+            state=str(status.state),
+            paused=bool(flags & lt.torrent_flags.paused),
+            auto_managed=bool(flags & lt.torrent_flags.auto_managed),
+            finished=status.is_finished,
+            has_metadata=status.has_metadata,
+            progress=status.progress,
+            total_bytes=status.total_wanted,
+            downloaded_bytes=status.total_wanted_done,
+            download_rate=status.download_payload_rate,
+            upload_rate=status.upload_payload_rate,
+            num_peers=status.num_peers,
+            error=status.errc.message() if status.errc.value() else None,
+            files=files,
+        )
+
+    def save_resume_data(self, request: SaveResumeData) -> None:
+        if request.task_id is not None:
+            chosen = {request.task_id} if self.torrent(request.task_id) else set()
+        else:
+            chosen = {
+                task_id
+                for task_id, torrent in self.torrents.items()
+                if not request.only_if_modified or torrent.handle.need_save_resume_data()
+            }
+        pending = _PendingSave(request.id, set(chosen))
+        self.request_save(chosen)
+        if chosen:
+            self.saves.append(pending)
+        else:
+            self.reply(request.id, {"saved": 0, "failed": 0})
+
+    def request_save(self, task_ids: set[str]) -> None:
+        for task_id in task_ids:
+            self.torrents[task_id].handle.save_resume_data(_SAVE_RESUME_FLAGS)
+
+    def forget_saves(self, task_id: str) -> None:
+        self.resume_saved(task_id, saved=False)
+
+    def resume_saved(self, task_id: str, *, saved: bool) -> None:
+        for pending in list(self.saves):
+            if task_id in pending.waiting:
+                pending.waiting.discard(task_id)
+                if saved:
+                    pending.saved += 1
+                else:
+                    pending.failed += 1
+                if not pending.waiting:
+                    self.saves.remove(pending)
+                    self.reply(
+                        pending.request_id, {"saved": pending.saved, "failed": pending.failed}
+                    )
+
+    # --- alerts ---------------------------------------------------------------------------------
+
+    def process_alerts(self) -> None:
+        for alert in self.session.pop_alerts():
+            try:
+                self.on_alert(alert)
+            except Exception:
+                log.exception("while handling %s", type(alert).__name__)
+
+    def on_alert(self, alert: Any) -> None:
+        if isinstance(alert, lt.add_torrent_alert):
+            self.on_added(alert)
+            return
+        task_id = self.task_of(alert)
+        if task_id is None:
+            return
+        torrent = self.torrents[task_id]
+        if isinstance(alert, lt.metadata_received_alert):
+            # A v2 torrent's piece layers arrive later, with the pieces; the info dict (and so
+            # the info hash) is complete now, and the resume data will carry the layers.
+            params = lt.add_torrent_params()
+            params.ti = alert.handle.torrent_file()
+            entry = lt.write_torrent_file(params, lt.write_flags.allow_missing_piece_layer)
+            torrent_bytes = lt.bencode(cast(Any, entry))
+            if torrent.pending_priorities is not None:
+                alert.handle.prioritize_files(list(torrent.pending_priorities))
+                torrent.pending_priorities = None
+            self.send(MetadataReceived(task_id=task_id, torrent_b64=_b64(torrent_bytes)))
+        elif isinstance(alert, lt.torrent_finished_alert):
+            self.send(TorrentFinished(task_id=task_id))
+            self.request_save({task_id})
+        elif isinstance(alert, lt.save_resume_data_alert):
+            data = lt.write_resume_data_buf(alert.params)
+            self.send(ResumeDataSaved(task_id=task_id, resume_b64=_b64(data)))
+            self.resume_saved(task_id, saved=True)
+        elif isinstance(alert, lt.save_resume_data_failed_alert):
+            log.warning("%s: resume data not saved: %s", task_id, alert.message())
+            self.resume_saved(task_id, saved=False)
+        elif isinstance(alert, lt.file_error_alert | lt.torrent_error_alert):
+            self.send(TorrentFailed(task_id=task_id, error=alert.message()))
+        elif isinstance(alert, lt.state_changed_alert):
+            state, previous = str(alert.state), str(alert.prev_state)
+            torrent.last_state = state
+            self.send(TorrentStateChanged(task_id=task_id, state=state, previous=previous))
+        elif isinstance(alert, lt.fastresume_rejected_alert):
+            log.warning("%s: resume data rejected: %s", task_id, alert.message())
+
+    def task_of(self, alert: Any) -> str | None:
+        handle = getattr(alert, "handle", None)
+        if handle is None or not handle.is_valid():
+            return None
+        return self.by_hash.get(info_hash_of(handle.info_hashes()))
+
+    def on_added(self, alert: Any) -> None:
+        params = alert.params
+        info_hash = info_hash_of(params.ti.info_hashes() if params.ti else params.info_hashes)
+        pending = self.adding.pop(info_hash, None)
+        if pending is None:
+            return
+        request_id, request = pending
+        if alert.error.value():
+            self.reply_error(
+                request_id, BadRequest(f"libtorrent refused the torrent: {alert.error.message()}")
+            )
+            return
+        handle = alert.handle
+        # A magnet's info hash may be v1 while the handle, after metadata, knows both; the handle
+        # is the authority from now on.
+        info_hash = info_hash_of(handle.info_hashes())
+        torrent = _Torrent(request.task_id, handle, info_hash)
+        self.torrents[request.task_id] = torrent
+        self.by_hash[info_hash] = request.task_id
+        self.reply(
+            request_id,
+            {
+                "info_hash": info_hash,
+                "status": self.torrent_status(torrent).model_dump(mode="json"),
+            },
+        )
+
+    # --- output ---------------------------------------------------------------------------------
+
+    def reply(self, request_id: int, result: dict[str, Any]) -> None:
+        self.send(WorkerReply(id=request_id, ok=True, result=result))
+
+    def reply_error(self, request_id: int, error: BaseException) -> None:
+        code = error.code if isinstance(error, DlkeeperError) else "internal"
+        trace = None if isinstance(error, DlkeeperError) else traceback.format_exc()
+        wire = WireError(code=code, message=str(error), type=type(error).__name__, traceback=trace)
+        self.send(WorkerReply(id=request_id, ok=False, error=wire))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _writer(stream: Any) -> Callable[[Message], None]:
+    def send(message: Message) -> None:
+        stream.write(orjson.dumps(message.model_dump(mode="json")) + b"\n")
+        stream.flush()
+
+    return send
+
+
+def main() -> int:
+    """Runs the worker until its stdin closes (the parent's way of saying stop)."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="worker %(levelname)s: %(message)s"
+    )
+    # The parent decides when to stop; a Ctrl-C in the daemon's terminal must not kill us first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = SessionWorker(send=_writer(sys.stdout.buffer))
+    alert_read, alert_write = os.pipe()
+    os.set_blocking(alert_write, False)
+    os.set_blocking(alert_read, False)
+    stdin = sys.stdin.buffer.fileno()
+    buffered = b""
+    alert_fd_set = False
+    while True:
+        readable, _, _ = select.select([stdin, alert_read], [], [])
+        if alert_read in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(alert_read, 4096)
+        if stdin in readable:
+            chunk = os.read(stdin, 1 << 20)
+            if not chunk:
+                return 0
+            buffered += chunk
+            *lines, buffered = buffered.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    worker.handle_line(line)
+        if worker.session is not None:
+            if not alert_fd_set:
+                worker.session.set_alert_fd(alert_write)
+                alert_fd_set = True
+            worker.process_alerts()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

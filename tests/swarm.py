@@ -1,0 +1,81 @@
+"""A real test swarm: a libtorrent seeder on 127.0.0.1 with a generated payload.
+
+DHT, LSD, UPnP, NAT-PMP and uTP are off (uTP on loopback is about ten times slower than TCP).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import libtorrent as lt
+
+from tests.torrents import Payload
+
+# The same settings go into the daemon's [libtorrent] table in tests.
+LOOPBACK_SETTINGS: dict[str, str | int | bool] = {
+    "listen_interfaces": "127.0.0.1:0",
+    "enable_dht": False,
+    "enable_lsd": False,
+    "enable_upnp": False,
+    "enable_natpmp": False,
+    "enable_incoming_utp": False,
+    "enable_outgoing_utp": False,
+    "allow_multiple_connections_per_ip": True,
+}
+
+
+class Seeder:
+    """A seeding libtorrent session; `peer` is the `host:port` to give a downloader."""
+
+    def __init__(self, session: Any, handles: dict[str, Any]) -> None:
+        self.session = session
+        self.handles = handles
+
+    @property
+    def port(self) -> int:
+        return int(self.session.listen_port())
+
+    @property
+    def peer(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def magnet(self, payload: Payload) -> str:
+        """A tracker-less magnet for `payload` that names this seeder (`x.pe`)."""
+        return f"magnet:?xt=urn:btih:{payload.info_hash}&dn={payload.name}&x.pe={self.peer}"
+
+
+def _wait_seeding(session: Any, handle: Any, deadline: float) -> None:
+    while not handle.status().is_seeding:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"seeder did not verify {handle.status().name} in time")
+        session.wait_for_alert(100)
+        session.pop_alerts()
+
+
+@contextmanager
+def seeding(*payloads: Payload, upload_rate_limit: int = 0) -> Iterator[Seeder]:
+    """Seeds every payload from one session on 127.0.0.1 until the block ends.
+
+    `upload_rate_limit` (bytes/s, 0 = none) slows the seeder so a test can act mid-download.
+    """
+    settings = {**LOOPBACK_SETTINGS, "upload_rate_limit": upload_rate_limit}
+    session = lt.session(cast("lt.settings_pack", settings))
+    handles: dict[str, Any] = {}
+    deadline = time.monotonic() + 60
+    for payload in payloads:
+        params = lt.add_torrent_params()
+        params.ti = lt.torrent_info(payload.torrent)
+        params.save_path = str(payload.root)
+        params.flags |= lt.torrent_flags.seed_mode  # the files are ours: skip the hash check
+        handles[payload.info_hash] = session.add_torrent(params)
+    for handle in handles.values():
+        _wait_seeding(session, handle, deadline)
+    try:
+        yield Seeder(session, handles)
+    finally:
+        for handle in handles.values():
+            session.remove_torrent(handle)
+        del session
