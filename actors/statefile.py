@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import filelock
 
+from actors.atomic import fsync_directory, write_file_atomically, write_temporary
 from actors.state import (
     CURRENT_VERSION,
     CorruptState,
@@ -170,7 +170,7 @@ class StateStore:
             version_backup = _unique(
                 self.directory / f"{STATE_FILE_NAME}.v{decoded.from_version}-{utc_stamp()}"
             )
-            _write_file_durably(version_backup, raw)
+            write_file_atomically(version_backup, raw)
         if migrated or source is LoadSource.BACKUP:
             self.write(decoded.downloads)
         report = LoadReport(
@@ -190,7 +190,7 @@ class StateStore:
             name = f"{STATE_FILE_NAME}.bak.corrupt-{utc_stamp()}"
         target = _unique(self.directory / name)
         path.rename(target)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         log.error(
             "state: %s failed to load; kept as %s for manual recovery", path.name, target.name
         )
@@ -224,7 +224,7 @@ class StateStore:
         """
         self._require_lock()
         data = encode_entries(self._encode_each(downloads))
-        temporary = _write_temporary(self.directory, data)
+        temporary = write_temporary(self.directory, data, prefix=_TEMP_PREFIX)
         try:
             self._link_backup()
             temporary.replace(self.path)
@@ -232,7 +232,7 @@ class StateStore:
             with contextlib.suppress(OSError):
                 temporary.unlink()
             raise
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def _encode_each(self, downloads: Mapping[str, DownloadRecord]) -> list[bytes]:
         # Records are immutable, so a record seen before need not be encoded again: a write of
@@ -262,42 +262,6 @@ class StateStore:
     def _require_lock(self) -> None:
         if not self._lock.is_locked:
             raise StateError(f"the state lock {self.lock_path} is not held")
-
-
-def _write_temporary(directory: Path, data: bytes) -> Path:
-    fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            Path(name).unlink()
-        raise
-    os.close(fd)
-    return Path(name)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _write_file_durably(path: Path, data: bytes) -> None:
-    """Writes a new file that must survive a crash (a version backup) by the same atomic route."""
-    temporary = _write_temporary(path.parent, data)
-    temporary.replace(path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unique(path: Path) -> Path:
