@@ -91,6 +91,15 @@ class _Decoder:
         return result
 
 
+def bdecode(data: bytes) -> object:
+    """Decodes bencoded `data` (dicts keyed by bytes); raises `InvalidTorrent`."""
+    decoder = _Decoder(data)
+    value = decoder.value(0)
+    if decoder.pos != len(data):
+        raise decoder.fail("trailing bytes")
+    return value
+
+
 def torrent_info_hash(data: bytes) -> str:
     """The info hash of a .torrent as lowercase hex: SHA-1 for v1 and hybrid, SHA-256 for v2-only.
 
@@ -112,6 +121,17 @@ def torrent_info_hash(data: bytes) -> str:
     if isinstance(info.get(b"file tree"), dict):
         return hashlib.sha256(data[start:end]).hexdigest()
     raise InvalidTorrent("not a valid .torrent: the info dictionary has no pieces")
+
+
+def torrent_name(data: bytes) -> str:
+    """The name in a .torrent's info dictionary (invalid UTF-8 replaced), or "" if unreadable."""
+    try:
+        root = bdecode(data)
+    except InvalidTorrent:
+        return ""
+    info = root.get(b"info") if isinstance(root, dict) else None
+    name = info.get(b"name") if isinstance(info, dict) else None
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else ""
 
 
 def magnet_info_hash(uri: str) -> str:

@@ -102,6 +102,29 @@ def parse_peer(peer: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def real_files(storage: Any) -> list[int]:
+    """Indices of the files a user sees: all but the padding files of v2/hybrid torrents."""
+    pad = lt.file_storage.flag_pad_file
+    return [index for index in range(storage.num_files()) if not storage.file_flags(index) & pad]
+
+
+def libtorrent_priorities(info: Any, priorities: tuple[int, ...]) -> list[int]:
+    """A user's priorities (one per real file) as libtorrent's list (one per file, pads 0).
+
+    Raises `BadRequest` when the count does not match the torrent's files.
+    """
+    storage = info.layout()
+    files = real_files(storage)
+    if len(priorities) != len(files):
+        raise BadRequest(
+            f"file_priorities has {len(priorities)} entries; the torrent has {len(files)} files"
+        )
+    full = [0] * storage.num_files()
+    for index, priority in zip(files, priorities, strict=True):
+        full[index] = priority
+    return full
+
+
 @dataclass
 class _Torrent:
     task_id: str
@@ -165,9 +188,8 @@ class SessionWorker:
             self.request_save({request.task_id})
             self.reply(request.id, {})
         elif isinstance(request, ResumeTorrent):
-            torrent = self.torrent(request.task_id)
-            torrent.handle.set_flags(lt.torrent_flags.auto_managed)
-            torrent.handle.resume()
+            # Back to libtorrent's queue, which starts it at its next tick (see add()).
+            self.torrent(request.task_id).handle.set_flags(lt.torrent_flags.auto_managed)
             self.reply(request.id, {})
         elif isinstance(request, RemoveTorrent):
             self.remove(request)
@@ -198,8 +220,8 @@ class SessionWorker:
             raise BadRequest(f"download {request.task_id} is already in the session")
         params = self.add_params(request)
         params.save_path = request.save_path
-        if request.file_priorities:
-            params.file_priorities = list(request.file_priorities)
+        if request.file_priorities and params.ti is not None:
+            params.file_priorities = libtorrent_priorities(params.ti, request.file_priorities)
         for peer in request.peers:
             try:
                 params.peers = [*params.peers, parse_peer(peer)]
@@ -275,13 +297,8 @@ class SessionWorker:
             torrent.pending_priorities = request.file_priorities
             self.reply(request.id, {"applied": False})
             return
-        count = torrent.handle.torrent_file().num_files()
-        if len(request.file_priorities) != count:
-            raise BadRequest(
-                f"file_priorities has {len(request.file_priorities)} entries; "
-                f"the torrent has {count} files"
-            )
-        torrent.handle.prioritize_files(list(request.file_priorities))
+        info = torrent.handle.torrent_file()
+        torrent.handle.prioritize_files(libtorrent_priorities(info, request.file_priorities))
         self.reply(request.id, {"applied": True})
 
     def status(self, request: GetTorrentStatus) -> None:
@@ -304,7 +321,7 @@ class SessionWorker:
                     size=storage.file_size(index),
                     priority=int(priorities[index]),
                 )
-                for index in range(storage.num_files())
+                for index in real_files(storage)
             )
         flags = status.flags
         return TorrentStatus(
@@ -388,7 +405,12 @@ class SessionWorker:
             entry = lt.write_torrent_file(params, lt.write_flags.allow_missing_piece_layer)
             torrent_bytes = lt.bencode(cast(Any, entry))
             if torrent.pending_priorities is not None:
-                alert.handle.prioritize_files(list(torrent.pending_priorities))
+                try:
+                    full = libtorrent_priorities(params.ti, torrent.pending_priorities)
+                except BadRequest as exc:
+                    log.warning("%s: %s; downloading every file", task_id, exc)
+                else:
+                    alert.handle.prioritize_files(full)
                 torrent.pending_priorities = None
             self.send(MetadataReceived(task_id=task_id, torrent_b64=_b64(torrent_bytes)))
         elif isinstance(alert, lt.torrent_finished_alert):
@@ -433,6 +455,8 @@ class SessionWorker:
         # is the authority from now on.
         info_hash = info_hash_of(handle.info_hashes())
         torrent = _Torrent(request.task_id, handle, info_hash)
+        if request.file_priorities and params.ti is None:
+            torrent.pending_priorities = request.file_priorities  # applied when metadata arrives
         self.torrents[request.task_id] = torrent
         self.by_hash[info_hash] = request.task_id
         self.reply(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -13,7 +13,7 @@ import anyio
 from supervisor import __version__
 from supervisor.app import EXIT_CONFIG, EXIT_FAILURE, EXIT_LOCKED, EXIT_OK, run_daemon
 from supervisor.config import PathFlags, load_config
-from supervisor.errors import ConfigError, DlkeeperError, StateLocked
+from supervisor.errors import ActorDied, ConfigError, DlkeeperError, StateLocked
 
 
 def add_path_flags(parser: argparse.ArgumentParser) -> None:
@@ -90,19 +90,29 @@ def _exit_status(exc: BaseException) -> int:
     if error is None:
         raise exc
     print(f"dlkeeper: {error}", file=sys.stderr)
+    if isinstance(error, ConfigError):
+        return EXIT_CONFIG
     return EXIT_LOCKED if isinstance(error, StateLocked) else EXIT_FAILURE
 
 
 def first_dlkeeper_error(exc: BaseException) -> DlkeeperError | None:
-    """The first `DlkeeperError` in `exc`, looking inside exception groups from task groups."""
-    if isinstance(exc, DlkeeperError):
-        return exc
+    """The error that explains `exc`: the first `DlkeeperError` in it (looking inside exception
+    groups and at what killed an actor), preferring a root cause to an `ActorDied`."""
+    found = list(_dlkeeper_errors(exc))
+    causes = [error for error in found if not isinstance(error, ActorDied)]
+    chosen = causes or found
+    return chosen[0] if chosen else None
+
+
+def _dlkeeper_errors(exc: BaseException) -> Iterator[DlkeeperError]:
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = first_dlkeeper_error(inner)
-            if found is not None:
-                return found
-    return None
+            yield from _dlkeeper_errors(inner)
+    elif isinstance(exc, ActorDied) and exc.cause is not None:
+        yield from _dlkeeper_errors(exc.cause)
+        yield exc
+    elif isinstance(exc, DlkeeperError):
+        yield exc
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ async def _run_actor(
     except BaseException as exc:
         cause = exc
         if isinstance(exc, DlkeeperError):
-            log.error("actor %s failed: %s", actor.name, exc)  # noqa: TRY400 - expected, no trace
+            log.error("actor %s failed: %s", actor.name, exc)
         elif not isinstance(exc, anyio.get_cancelled_exc_class()):
             log.exception("actor %s failed", actor.name)
         raise

@@ -61,8 +61,13 @@ def seeding(*payloads: Payload, upload_rate_limit: int = 0) -> Iterator[Seeder]:
 
     `upload_rate_limit` (bytes/s, 0 = none) slows the seeder so a test can act mid-download.
     """
-    settings = {**LOOPBACK_SETTINGS, "upload_rate_limit": upload_rate_limit}
-    session = lt.session(cast("lt.settings_pack", settings))
+    session = lt.session(cast("lt.settings_pack", LOOPBACK_SETTINGS))
+    if upload_rate_limit:
+        # Loopback peers are in libtorrent's "local" class, which rate limits do not touch.
+        local = session.get_peer_class(session.local_peer_class_id)
+        session.set_peer_class(
+            session.local_peer_class_id, {**local, "upload_limit": upload_rate_limit}
+        )
     handles: dict[str, Any] = {}
     deadline = time.monotonic() + 60
     for payload in payloads:

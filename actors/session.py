@@ -1,0 +1,701 @@
+"""The session actor: owns the libtorrent worker process, restarts it, and replays into it.
+
+The worker (`actors.session_worker`) is a child process, so that nothing libtorrent does can take
+the daemon down. This actor spawns it, waits for its `ready` under a deadline, replays every
+active download the persistence actor holds, and then watches it: a worker that exits or stops
+answering its heartbeat is killed and replaced (with backoff), and everything is replayed into
+the new one. More than `max_restarts` restarts within `restart_window` seconds and the actor
+fails, which stops the daemon with a non-zero status so that systemd can take over (OTP's rule).
+
+It writes the `.torrent` copy of a magnet once its metadata arrives and every `.fastresume`
+file (each by atomic replace), and publishes what the rest of the daemon must know: metadata
+kept, finished, errored (libtorrent errors and replay failures), worker restarted.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import logging
+import math
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import ValidationError
+
+from actors.atomic import write_file_atomically
+from actors.metainfo import torrent_name
+from actors.persistence import Persistence
+from actors.state import ACTIVE_STATUSES, MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
+from supervisor.errors import (
+    BadRequest,
+    ConfigError,
+    DlkeeperError,
+    InvalidMagnet,
+    InvalidTorrent,
+    NotFound,
+    NotReady,
+)
+from supervisor.mailbox import Actor, ActorRef, Envelope, Reply, expect
+from supervisor.messages import (
+    WORKER_OUTPUT,
+    AddTorrent,
+    AwaitReplayed,
+    ConfigureSession,
+    DoneReply,
+    DownloadErrored,
+    DownloadFinished,
+    DownloadMetadataKept,
+    DownloadStateChanged,
+    GetDownloadStatus,
+    GetSessionStats,
+    GetTorrentStatus,
+    Message,
+    MetadataReceived,
+    PauseDownload,
+    PauseTorrent,
+    Ping,
+    RemoveTorrent,
+    ResumeDataSaved,
+    ResumeDownload,
+    ResumeSavedReply,
+    ResumeTorrent,
+    SaveAllResumeData,
+    SaveResumeData,
+    SessionCommand,
+    SessionEvent,
+    SessionStatsReply,
+    SetDownloadFiles,
+    SetFilePriorities,
+    SettingsRejected,
+    StartDownload,
+    StatusReply,
+    StopDownload,
+    TorrentFailed,
+    TorrentFinished,
+    TorrentStateChanged,
+    TorrentStatus,
+    WorkerCommand,
+    WorkerReady,
+    WorkerReply,
+    WorkerRestarted,
+)
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=WorkerCommand)
+
+MAX_LINE_BYTES = 256 * 1024 * 1024  # resume data of a huge v2 torrent can be tens of MiB
+WORKER_MODULE = "actors.session_worker"
+
+_ERRORS_BY_CODE: dict[str, type[DlkeeperError]] = {
+    "bad_request": BadRequest,
+    "invalid_torrent": InvalidTorrent,
+    "invalid_magnet": InvalidMagnet,
+}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How the session actor runs its worker. The defaults are documented in the README."""
+
+    torrents_dir: Path
+    libtorrent: Mapping[str, str | int | bool] = field(default_factory=dict)
+    resume_save_interval: float = 60.0
+    shutdown_timeout: float = 5.0
+    heartbeat_interval: float = 1.0  # seconds between pings of the worker
+    heartbeat_timeout: float = 3.0  # a ping unanswered this long means the worker hangs
+    start_timeout: float = 30.0  # for the worker's `ready`
+    request_timeout: float = 30.0  # for one command to the worker, and for a restart to finish
+    max_restarts: int = 5  # more restarts than this within restart_window: give up
+    restart_window: float = 60.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    worker_command: tuple[str, ...] = (sys.executable, "-m", WORKER_MODULE)
+
+    def torrent_path(self, task_id: str) -> Path:
+        return self.torrents_dir / f"{task_id}.torrent"
+
+    def resume_path(self, task_id: str) -> Path:
+        return self.torrents_dir / f"{task_id}.fastresume"
+
+
+class WorkerGone(DlkeeperError):
+    """The worker died (or was killed) before it answered."""
+
+
+class RestartIntensityExceeded(DlkeeperError):
+    """The worker had to be restarted too often: the daemon gives up and lets systemd act."""
+
+
+# --- one worker process ---------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A running worker: its process, its requests in flight, and the reader of its output."""
+
+    def __init__(self, process: Process, events: MemoryObjectSendStream[Message], pid: int) -> None:
+        self.process = process
+        self.pid = pid
+        self.exited = anyio.Event()
+        self.exit_reason = "running"
+        self._events = events
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Reply] = {}
+        self._configured = Reply()
+        self._send_lock = anyio.Lock()
+
+    async def read_output(self) -> None:
+        """Reads replies and events until the worker's stdout closes; then fails what waits."""
+        assert self.process.stdout is not None
+        stream = BufferedByteReceiveStream(self.process.stdout)
+        try:
+            while True:
+                self._dispatch(await stream.receive_until(b"\n", MAX_LINE_BYTES))
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.ClosedResourceError):
+            self.exit_reason = "its output closed"
+        except anyio.BrokenResourceError:
+            self.exit_reason = "its output broke"
+        except anyio.DelimiterNotFound:
+            self.exit_reason = "it wrote a line longer than the limit"
+        finally:
+            gone = WorkerGone(f"the libtorrent worker is gone: {self.exit_reason}")
+            for reply in self._pending.values():
+                reply.fail(gone)
+            self._pending.clear()
+            self._configured.fail(gone)
+            self.exited.set()
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            output = WORKER_OUTPUT.validate_json(line)
+        except ValidationError as exc:
+            log.error("worker wrote a malformed line (%s): %.200r", exc.errors()[0]["msg"], line)
+            return
+        if isinstance(output, WorkerReply):
+            reply = self._pending.pop(output.id, None)
+            if reply is not None:
+                reply.send(output)
+        elif isinstance(output, WorkerReady | SettingsRejected):
+            self._configured.send(output)
+        else:
+            self._events.send_nowait(output)
+
+    async def configure(
+        self, settings: Mapping[str, str | int | bool], timeout: float
+    ) -> WorkerReady:
+        """Starts the session; raises `ConfigError` for a bad [libtorrent] setting."""
+        await self._send(ConfigureSession(id=0, settings=dict(settings)))
+        with anyio.move_on_after(timeout):
+            answer = await self._configured.wait()
+            if isinstance(answer, SettingsRejected):
+                raise ConfigError(f"libtorrent.{answer.key}", answer.reason)
+            return expect(answer, WorkerReady)
+        raise WorkerGone(f"the libtorrent worker did not get ready within {timeout:g} s")
+
+    async def request(self, command: Callable[[int], C], timeout: float) -> dict[str, Any]:
+        """Sends `command(id)` and returns the result of its reply; raises its error."""
+        request_id = next(self._ids)
+        reply = Reply()
+        self._pending[request_id] = reply
+        try:
+            await self._send(command(request_id))
+            with anyio.move_on_after(timeout):
+                answer = expect(await reply.wait(), WorkerReply)
+                if answer.ok:
+                    return answer.result or {}
+                assert answer.error is not None
+                error_type = _ERRORS_BY_CODE.get(answer.error.code, DlkeeperError)
+                if answer.error.code == "not_found":
+                    raise NotFound(answer.error.message.removeprefix("no download "))
+                if answer.error.traceback:
+                    log.error("worker error: %s", answer.error.traceback)
+                raise error_type(answer.error.message)
+            raise WorkerGone(f"the libtorrent worker did not answer within {timeout:g} s")
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _send(self, command: WorkerCommand) -> None:
+        assert self.process.stdin is not None
+        line = command.model_dump_json().encode() + b"\n"
+        try:
+            async with self._send_lock:
+                await self.process.stdin.send(line)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise WorkerGone(f"the libtorrent worker is gone: {exc}") from None
+
+    async def kill(self) -> None:
+        """SIGKILL (works on a stopped process too) and reap."""
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+    async def close(self, timeout: float) -> None:
+        """Asks the worker to stop (stdin closed), then SIGTERM, then SIGKILL; always reaps."""
+        with anyio.CancelScope(shield=True):
+            if self.process.stdin is not None:
+                with contextlib.suppress(Exception):
+                    await self.process.stdin.aclose()
+            for stop in (None, signal.SIGTERM):
+                with anyio.move_on_after(timeout):
+                    await self.process.wait()
+                    return
+                if stop is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.process.send_signal(stop)
+            await self.kill()
+
+
+# --- the actor ------------------------------------------------------------------------------------
+
+
+class SessionActor(Actor[SessionCommand]):
+    """Owns the worker; see the module docstring."""
+
+    name = "session"
+
+    def __init__(
+        self,
+        options: SessionOptions,
+        persistence: Persistence,
+        publish: MemoryObjectSendStream[SessionEvent],
+    ) -> None:
+        self._options = options
+        self._persistence = persistence
+        self._publish = publish
+        self._worker: WorkerProcess | None = None
+        self._worker_ready = False
+        self._worker_changed = anyio.Event()
+        self._replayed = anyio.Event()
+        self._in_session: set[str] = set()
+        self._restarts = 0
+        self._stopping = False
+        self._last_failure = ""
+        self._resumed_at_start = 0
+        self._resume_failures = 0
+        events_send, events_receive = anyio.create_memory_object_stream[Message](math.inf)
+        self._worker_events_send = events_send
+        self._worker_events = events_receive
+
+    async def run(self, inbox: MemoryObjectReceiveStream[Envelope[SessionCommand]]) -> None:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._keep_worker_running)
+            task_group.start_soon(self._handle_worker_events)
+            task_group.start_soon(self._save_resume_data_periodically)
+            async for envelope in inbox:
+                task_group.start_soon(self._serve, envelope.message, envelope.reply)
+            await self._shut_down()
+            task_group.cancel_scope.cancel()
+
+    # --- the worker's life ----------------------------------------------------------------------
+
+    async def _keep_worker_running(self) -> None:
+        restarts: deque[float] = deque()
+        backoff = self._options.backoff_initial
+        while True:
+            started = time.monotonic()
+            reason = await self._run_one_worker()
+            if self._stopping:
+                return
+            if time.monotonic() - started > self._options.restart_window:
+                backoff = self._options.backoff_initial  # it was stable: start over
+            now = time.monotonic()
+            restarts.append(now)
+            while restarts and now - restarts[0] > self._options.restart_window:
+                restarts.popleft()
+            if len(restarts) > self._options.max_restarts:
+                raise RestartIntensityExceeded(
+                    f"the libtorrent worker failed {len(restarts)} times within "
+                    f"{self._options.restart_window:g} s (last: {reason}); giving up"
+                )
+            self._restarts += 1
+            self._last_failure = reason
+            log.warning(
+                "libtorrent worker %s; restart %d in %.1f s", reason, self._restarts, backoff
+            )
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, self._options.backoff_max)
+
+    async def _run_one_worker(self) -> str:
+        """Runs one worker from spawn to death; returns why it ended."""
+        process = await anyio.open_process(
+            list(self._options.worker_command), stderr=None, start_new_session=True
+        )
+        worker = WorkerProcess(process, self._worker_events_send, process.pid)
+        reason = "never started"
+        try:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(worker.read_output)
+                reason = await self._serve_worker(worker)
+                task_group.cancel_scope.cancel()
+        finally:
+            self._worker = None
+            self._set_worker_ready(False)
+            await worker.kill()
+        return reason
+
+    async def _serve_worker(self, worker: WorkerProcess) -> str:
+        try:
+            ready = await worker.configure(self._options.libtorrent, self._options.start_timeout)
+        except WorkerGone as exc:
+            return str(exc)
+        log.info(
+            "libtorrent %s worker (pid %d) listening on port %d",
+            ready.libtorrent_version,
+            worker.pid,
+            ready.listen_port,
+        )
+        self._worker = worker
+        self._in_session.clear()
+        if self._restarts:
+            # Through the worker's event queue, so that it follows every event of the old worker
+            # and precedes every event of the new one.
+            self._worker_events_send.send_nowait(
+                WorkerRestarted(restarts=self._restarts, reason=self._last_failure)
+            )
+        await self._replay(worker)
+        self._set_worker_ready(True)
+        return await self._watch(worker)
+
+    def _set_worker_ready(self, ready: bool) -> None:
+        self._worker_ready = ready
+        changed, self._worker_changed = self._worker_changed, anyio.Event()
+        changed.set()
+
+    async def _watch(self, worker: WorkerProcess) -> str:
+        """Returns when the worker has exited or stopped answering its heartbeat."""
+        while True:
+            with anyio.move_on_after(self._options.heartbeat_interval):
+                await worker.exited.wait()
+                return f"exited ({worker.exit_reason})"
+            try:
+                await worker.request(
+                    lambda request_id: Ping(id=request_id), self._options.heartbeat_timeout
+                )
+            except WorkerGone as exc:
+                if worker.exited.is_set():
+                    return f"exited ({worker.exit_reason})"
+                return f"hung ({exc})"
+
+    async def _replay(self, worker: WorkerProcess) -> None:
+        first = not self._replayed.is_set()
+        snapshot = await self._persistence.snapshot()
+        active = [record for record in snapshot.values() if record.status in ACTIVE_STATUSES]
+        sources = await anyio.to_thread.run_sync(self._read_sources, active)
+        failures = 0
+        started = time.monotonic()
+
+        async def replay_one(record: DownloadRecord) -> None:
+            nonlocal failures
+            try:
+                await self._add(worker, record, sources[record.task_id])
+            except WorkerGone:
+                raise
+            except DlkeeperError as exc:
+                failures += 1
+                reason = f"cannot be resumed: {exc}"
+                log.error("download %s %s", record.task_id, reason)
+                await self._publish.send(DownloadErrored(task_id=record.task_id, error=reason))
+
+        worker_died = False
+        try:
+            async with anyio.create_task_group() as task_group:
+                for record in active:
+                    task_group.start_soon(replay_one, record)
+        except* WorkerGone:
+            worker_died = True  # the watcher sees the death and restarts
+        if worker_died:
+            return
+        log.info(
+            "replayed %d of %d downloads in %.3f s",
+            len(active) - failures,
+            len(active),
+            time.monotonic() - started,
+        )
+        if first:
+            self._resumed_at_start = len(active) - failures
+            self._resume_failures += failures
+            self._replayed.set()
+
+    def _read_sources(self, records: list[DownloadRecord]) -> dict[str, _Sources]:
+        return {record.task_id: self._read_source(record) for record in records}
+
+    def _read_source(self, record: DownloadRecord) -> _Sources:
+        torrent: bytes | None = None
+        problem: str | None = None
+        kept = self._options.torrent_path(record.task_id)
+        if record.torrent_file_path or kept.exists():
+            # The record's .torrent, else the copy kept when a magnet's metadata arrived.
+            path = Path(record.torrent_file_path) if record.torrent_file_path else kept
+            try:
+                if path.stat().st_size > MAX_TORRENT_BYTES:
+                    problem = f"{path} is larger than {MAX_TORRENT_BYTES} bytes"
+                else:
+                    torrent = path.read_bytes()
+            except OSError as exc:
+                problem = f"cannot read {path}: {exc.strerror}"
+        resume: bytes | None = None
+        with contextlib.suppress(FileNotFoundError):
+            resume = self._options.resume_path(record.task_id).read_bytes()
+        return _Sources(torrent, resume, problem)
+
+    async def _add(self, worker: WorkerProcess, record: DownloadRecord, sources: _Sources) -> None:
+        if sources.torrent is None and not record.magnet_link:
+            raise InvalidTorrent(sources.problem or "it has neither a .torrent nor a magnet link")
+        if sources.problem:
+            log.warning("download %s: %s; using its magnet link", record.task_id, sources.problem)
+
+        def command(request_id: int) -> AddTorrent:
+            return AddTorrent(
+                id=request_id,
+                task_id=record.task_id,
+                torrent_b64=_b64(sources.torrent),
+                magnet=record.magnet_link if sources.torrent is None else None,
+                resume_b64=_b64(sources.resume),
+                save_path=record.save_path,
+                file_priorities=record.file_priorities,
+                paused=record.status is DownloadStatus.PAUSED,
+                peers=record.peers,
+            )
+
+        try:
+            await worker.request(command, self._options.request_timeout)
+        except InvalidTorrent:
+            if not record.magnet_link:
+                raise
+            log.warning(
+                "download %s: its .torrent is invalid; using its magnet link", record.task_id
+            )
+            sources = _Sources(None, sources.resume, None)
+            await worker.request(command, self._options.request_timeout)
+        self._in_session.add(record.task_id)
+
+    # --- events from the worker -----------------------------------------------------------------
+
+    async def _handle_worker_events(self) -> None:
+        async for event in self._worker_events:
+            try:
+                await self._on_worker_event(event)
+            except OSError as exc:
+                log.error("cannot keep what the worker sent (%s): %s", type(event).__name__, exc)
+
+    async def _on_worker_event(self, event: Message) -> None:
+        if isinstance(event, ResumeDataSaved):
+            if event.task_id in self._in_session:  # not for a download removed meanwhile
+                path = self._options.resume_path(event.task_id)
+                data = _unb64(event.resume_b64)
+                await anyio.to_thread.run_sync(write_file_atomically, path, data)
+        elif isinstance(event, MetadataReceived):
+            path = self._options.torrent_path(event.task_id)
+            data = _unb64(event.torrent_b64)
+            await anyio.to_thread.run_sync(write_file_atomically, path, data)
+            await self._publish.send(
+                DownloadMetadataKept(
+                    task_id=event.task_id, torrent_path=str(path), name=torrent_name(data)
+                )
+            )
+        elif isinstance(event, TorrentFinished):
+            await self._publish.send(DownloadFinished(task_id=event.task_id))
+        elif isinstance(event, TorrentFailed):
+            await self._publish.send(DownloadErrored(task_id=event.task_id, error=event.error))
+        elif isinstance(event, WorkerRestarted):
+            await self._publish.send(event)
+        elif isinstance(event, TorrentStateChanged):
+            await self._publish.send(
+                DownloadStateChanged(
+                    task_id=event.task_id, state=event.state, previous=event.previous
+                )
+            )
+
+    async def _save_resume_data_periodically(self) -> None:
+        while True:
+            await anyio.sleep(self._options.resume_save_interval)
+            worker = self._worker
+            if worker is None:
+                continue
+            with contextlib.suppress(WorkerGone):
+                await worker.request(
+                    lambda request_id: SaveResumeData(id=request_id, only_if_modified=True),
+                    self._options.request_timeout,
+                )
+
+    # --- commands -------------------------------------------------------------------------------
+
+    async def _serve(self, command: SessionCommand, reply: Reply | None) -> None:
+        try:
+            result = await self._execute(command)
+        except DlkeeperError as error:
+            if reply is None:
+                log.warning("session: %s failed: %s", command.kind, error)
+            else:
+                if isinstance(error, WorkerGone):
+                    error = NotReady(f"the libtorrent worker restarted; retry ({error})")
+                reply.fail(error)
+            return
+        if reply is not None:
+            reply.send(result)
+
+    async def _execute(self, command: SessionCommand) -> Message:
+        if isinstance(command, AwaitReplayed):
+            await self._replayed.wait()
+            return DoneReply()
+        if isinstance(command, GetSessionStats):
+            return SessionStatsReply(
+                worker_restarts=self._restarts,
+                resumed_at_start=self._resumed_at_start,
+                resume_failures=self._resume_failures,
+                worker_pid=self._worker.pid if self._worker is not None else None,
+            )
+        worker = await self._ready_worker()
+        timeout = self._options.request_timeout
+        if isinstance(command, StartDownload):
+            if command.record.task_id not in self._in_session:
+                sources = await anyio.to_thread.run_sync(self._read_source, command.record)
+                await self._add(worker, command.record, sources)
+            return DoneReply()
+        if isinstance(command, GetDownloadStatus):
+            result = await worker.request(
+                lambda request_id: GetTorrentStatus(id=request_id, task_id=command.task_id), timeout
+            )
+            return StatusReply(
+                torrents=tuple(TorrentStatus.model_validate(t) for t in result["torrents"])
+            )
+        if isinstance(command, SaveAllResumeData):
+            result = await worker.request(
+                lambda request_id: SaveResumeData(
+                    id=request_id, only_if_modified=command.only_if_modified
+                ),
+                timeout,
+            )
+            return ResumeSavedReply(saved=result["saved"], failed=result["failed"])
+        if isinstance(command, PauseDownload):
+            await worker.request(
+                lambda request_id: PauseTorrent(id=request_id, task_id=command.task_id), timeout
+            )
+        elif isinstance(command, ResumeDownload):
+            await worker.request(
+                lambda request_id: ResumeTorrent(id=request_id, task_id=command.task_id), timeout
+            )
+        elif isinstance(command, SetDownloadFiles):
+            await worker.request(
+                lambda request_id: SetFilePriorities(
+                    id=request_id, task_id=command.task_id, file_priorities=command.file_priorities
+                ),
+                timeout,
+            )
+        elif isinstance(command, StopDownload):
+            self._in_session.discard(command.task_id)
+            await worker.request(
+                lambda request_id: RemoveTorrent(
+                    id=request_id, task_id=command.task_id, delete_files=command.delete_files
+                ),
+                timeout,
+            )
+        return DoneReply()
+
+    async def _ready_worker(self) -> WorkerProcess:
+        """The running worker; during a restart, waits for the next one (bounded)."""
+        with anyio.move_on_after(self._options.request_timeout):
+            while self._worker is None or not self._worker_ready:
+                await self._worker_changed.wait()
+            return self._worker
+        raise NotReady("the libtorrent worker is restarting; retry shortly")
+
+    async def _shut_down(self) -> None:
+        """Saves resume data of every download (bounded by shutdown_timeout), stops the worker."""
+        with anyio.CancelScope(shield=True):
+            worker = self._worker
+            if worker is None:
+                return
+            with anyio.move_on_after(self._options.shutdown_timeout) as scope:
+                with contextlib.suppress(WorkerGone):
+                    await worker.request(
+                        lambda request_id: SaveResumeData(id=request_id, only_if_modified=False),
+                        self._options.shutdown_timeout,
+                    )
+                # Let the resume data already read from the worker reach the disk.
+                while True:
+                    try:
+                        event = self._worker_events.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    await self._on_worker_event(event)
+            if scope.cancelled_caught:
+                log.warning(
+                    "shutdown: resume data not all saved within %g s",
+                    self._options.shutdown_timeout,
+                )
+            self._stopping = True  # the worker's exit is no reason for a restart now
+            await worker.close(timeout=2.0)
+
+
+@dataclass(frozen=True)
+class _Sources:
+    torrent: bytes | None
+    resume: bytes | None
+    problem: str | None
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+class Session:
+    """A typed handle on the session actor."""
+
+    def __init__(self, ref: ActorRef[SessionCommand], timeout: float = 60.0) -> None:
+        self.ref = ref
+        self._timeout = timeout
+
+    async def wait_replayed(self, timeout: float) -> None:
+        """Returns once the first worker is up and every persisted download is in it."""
+        await self.ref.ask(AwaitReplayed(), timeout=timeout)
+
+    async def start(self, record: DownloadRecord) -> None:
+        await self.ref.ask(StartDownload(record=record), timeout=self._timeout)
+
+    async def pause(self, task_id: str) -> None:
+        await self.ref.ask(PauseDownload(task_id=task_id), timeout=self._timeout)
+
+    async def resume(self, task_id: str) -> None:
+        await self.ref.ask(ResumeDownload(task_id=task_id), timeout=self._timeout)
+
+    async def stop(self, task_id: str, *, delete_files: bool = False) -> None:
+        await self.ref.ask(
+            StopDownload(task_id=task_id, delete_files=delete_files), timeout=self._timeout
+        )
+
+    async def set_files(self, task_id: str, priorities: tuple[int, ...]) -> None:
+        await self.ref.ask(
+            SetDownloadFiles(task_id=task_id, file_priorities=priorities), timeout=self._timeout
+        )
+
+    async def status(self, task_id: str | None = None) -> tuple[TorrentStatus, ...]:
+        reply = await self.ref.ask(GetDownloadStatus(task_id=task_id), timeout=self._timeout)
+        return expect(reply, StatusReply).torrents
+
+    async def save_resume_data(self, *, only_if_modified: bool = True) -> ResumeSavedReply:
+        reply = await self.ref.ask(
+            SaveAllResumeData(only_if_modified=only_if_modified), timeout=self._timeout
+        )
+        return expect(reply, ResumeSavedReply)
+
+    async def stats(self) -> SessionStatsReply:
+        reply = await self.ref.ask(GetSessionStats(), timeout=self._timeout)
+        return expect(reply, SessionStatsReply)

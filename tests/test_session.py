@@ -1,0 +1,252 @@
+"""The session actor and its worker, against a real libtorrent seeder on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from actors.metainfo import torrent_info_hash
+from actors.session import RestartIntensityExceeded
+from actors.state import DownloadStatus
+from supervisor.cli import first_dlkeeper_error
+from supervisor.errors import ConfigError
+from supervisor.messages import (
+    DownloadErrored,
+    DownloadFinished,
+    DownloadMetadataKept,
+    DownloadStateChanged,
+    WorkerRestarted,
+)
+from tests.sessions import Library, resume_progress, running_session
+from tests.swarm import Seeder, seeding
+from tests.torrents import Payload, make_payload
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
+
+MiB = 1024 * 1024
+SLOW_RATE = 3 * MiB // 2
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Library:
+    return Library(tmp_path / "library")
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Payload:
+    return make_payload(tmp_path / "seed", "Movie", {"movie.mkv": 3 * MiB, "extras/a.srt": 40_000})
+
+
+@pytest.fixture
+def seeder(payload: Payload) -> Iterator[Seeder]:
+    with seeding(payload) as running:
+        yield running
+
+
+@pytest.fixture
+def slow_payload(tmp_path: Path) -> Payload:
+    return make_payload(tmp_path / "slow", "Slow", {"big.bin": 8 * MiB}, piece_size=64 * 1024)
+
+
+@pytest.fixture
+def slow_seeder(slow_payload: Payload) -> Iterator[Seeder]:
+    # 8 MiB at 1.5 MiB/s: about five seconds, time enough to act part-way.
+    with seeding(slow_payload, upload_rate_limit=SLOW_RATE) as running:
+        yield running
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_download_by_torrent_completes_with_intact_files(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    async with running_session(library) as running:
+        await running.add(library.record("t1", payload, peers=(seeder.peer,)))
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "t1")
+    assert library.hashes_match(payload)
+
+
+async def test_download_by_magnet_keeps_the_torrent_once_metadata_arrives(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    async with running_session(library) as running:
+        record = library.record("m1", payload, magnet=seeder.magnet(payload))
+        assert record.torrent_file_path is None
+        await running.add(record)
+        kept = await running.next_event(DownloadMetadataKept, lambda e: e.task_id == "m1")
+        assert kept.torrent_path == str(library.torrents_dir / "m1.torrent")
+        assert kept.name == payload.name
+        assert torrent_info_hash(Path(kept.torrent_path).read_bytes()) == payload.info_hash
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "m1")
+    assert library.hashes_match(payload)
+
+
+async def test_a_file_with_priority_0_is_left_out(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    async with running_session(library) as running:
+        # Files in torrent order: extras/a.srt, movie.mkv.
+        record = library.record("p1", payload, peers=(seeder.peer,), file_priorities=(1, 0))
+        await running.add(record)
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "p1")
+        (status,) = await running.session.status("p1")
+    priorities = {entry.path: entry.priority for entry in status.files}
+    assert priorities == {"Movie/extras/a.srt": 1, "Movie/movie.mkv": 0}
+    assert library.hashes_match(payload, only={"Movie/extras/a.srt"})
+    assert not (library.download_dir / "Movie" / "movie.mkv").exists()
+    assert status.total_bytes == 40_000
+
+
+async def test_paused_download_stays_paused_across_a_worker_restart_and_resumes(
+    library: Library, slow_payload: Payload, slow_seeder: Seeder
+) -> None:
+    async with running_session(library) as running:
+        record = library.record(
+            "pz", slow_payload, peers=(slow_seeder.peer,), status=DownloadStatus.PAUSED
+        )
+        await running.add(record)
+        before = await running.wait_status("pz", lambda s: s.paused)
+        pid = (await running.session.stats()).worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await running.next_event(WorkerRestarted)
+        after = await running.wait_status("pz", lambda s: True)
+        assert after.paused
+        assert not after.auto_managed
+        assert after.downloaded_bytes == before.downloaded_bytes == 0
+        await running.session.resume("pz")
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "pz")
+    assert library.hashes_match(slow_payload)
+
+
+async def test_pause_stops_a_running_download(
+    library: Library, slow_payload: Payload, slow_seeder: Seeder
+) -> None:
+    async with running_session(library) as running:
+        await running.add(library.record("pr", slow_payload, peers=(slow_seeder.peer,)))
+        await running.wait_status("pr", lambda s: s.progress > 0.1)
+        await running.session.pause("pr")
+        paused = await running.wait_status("pr", lambda s: s.paused and s.download_rate == 0)
+        assert not paused.finished
+        # Paused means paused: the resume data written on pause says so too.
+        await running.session.save_resume_data(only_if_modified=False)
+        (again,) = await running.session.status("pr")
+        assert again.paused
+        assert again.downloaded_bytes == paused.downloaded_bytes
+
+
+async def test_killed_worker_is_restarted_and_resumes_without_a_recheck(
+    library: Library, slow_payload: Payload, slow_seeder: Seeder
+) -> None:
+    resume_file = library.torrents_dir / "k1.fastresume"
+    async with running_session(library, resume_save_interval=0.3) as running:
+        await running.add(library.record("k1", slow_payload, peers=(slow_seeder.peer,)))
+        # Periodic resume data appears while it downloads; kill at 30-60 %.
+        at_kill = await running.wait_status(
+            "k1",
+            lambda s: (
+                s.progress >= 0.3 and resume_file.exists() and resume_progress(resume_file) >= 0.2
+            ),
+        )
+        assert at_kill.progress <= 0.6
+        saved = resume_progress(resume_file)
+        pid = (await running.session.stats()).worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await running.next_event(WorkerRestarted)
+        first = await running.wait_status("k1", lambda s: True)
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "k1")
+        stats = await running.session.stats()
+    assert stats.worker_restarts == 1
+    assert stats.worker_pid not in (None, pid)
+    assert not process_exists(pid)
+    assert library.hashes_match(slow_payload)
+    # Progress after the restart starts from the last resume data: at most one interval lost.
+    assert first.progress >= saved - 0.01
+    # What the seeder can send in one interval, plus libtorrent's 0.5 s status tick and the
+    # time to write the file: without periodic saves the loss would be all of it (over 0.3).
+    lost_at_most = SLOW_RATE * (0.3 + 0.5 + 0.5) / (8 * MiB)
+    assert at_kill.progress - first.progress <= lost_at_most
+    # And after the restart libtorrent took the resume data as it was: no checking of files.
+    restart = next(i for i, e in enumerate(running.seen) if isinstance(e, WorkerRestarted))
+    changes = [
+        (e.previous, e.state) for e in running.seen[restart:] if isinstance(e, DownloadStateChanged)
+    ]
+    assert changes[0] == ("checking_resume_data", "downloading"), changes
+    assert all("checking_files" not in change for change in changes), changes
+
+
+async def test_hung_worker_is_replaced_within_the_heartbeat_deadline(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    async with running_session(library, heartbeat_interval=0.2, heartbeat_timeout=0.5) as running:
+        pid = (await running.session.stats()).worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        with anyio.fail_after(3.0):  # 0.2 s between pings + 0.5 s deadline + restart
+            restarted = await running.next_event(WorkerRestarted)
+        assert "hung" in restarted.reason
+        assert not process_exists(pid)
+        # The new worker works.
+        await running.add(library.record("h1", payload, peers=(seeder.peer,)))
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "h1")
+
+
+async def test_too_many_restarts_make_the_actor_fail_loudly(library: Library) -> None:
+    with pytest.RaisesGroup(RestartIntensityExceeded, flatten_subgroups=True):
+        async with running_session(library, max_restarts=2, backoff_initial=0.01) as running:
+            for _ in range(3):
+                pid = (await running.session.stats()).worker_pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                await running.next_event(WorkerRestarted)
+            pid = (await running.session.stats()).worker_pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await anyio.sleep_forever()
+
+
+async def test_a_download_that_cannot_be_replayed_is_reported_failed(
+    library: Library, payload: Payload
+) -> None:
+    record = library.record("lost", payload)
+    Path(record.torrent_file_path or "").unlink()
+    async with running_session(library) as running:
+        await running.persistence.add(record)
+    async with running_session(library) as running:
+        errored = await running.next_event(DownloadErrored, lambda e: e.task_id == "lost")
+        assert "cannot be resumed" in errored.error
+        assert "lost.torrent" in errored.error
+        stats = await running.session.stats()
+    assert stats.resume_failures == 1
+    assert stats.resumed_at_start == 0
+
+
+async def test_unknown_libtorrent_setting_is_rejected_naming_the_key(library: Library) -> None:
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with running_session(library, libtorrent={"no_such_setting": 1}):
+            pass
+    error = first_dlkeeper_error(caught.value)
+    assert isinstance(error, ConfigError)
+    assert error.key == "libtorrent.no_such_setting"
+
+
+async def test_libtorrent_setting_of_the_wrong_type_is_rejected(library: Library) -> None:
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with running_session(library, libtorrent={"enable_dht": "yes"}):
+            pass
+    error = first_dlkeeper_error(caught.value)
+    assert isinstance(error, ConfigError)
+    assert error.key == "libtorrent.enable_dht"
+    assert "boolean" in error.reason
