@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -13,7 +13,7 @@ import anyio
 from supervisor import __version__
 from supervisor.app import EXIT_CONFIG, EXIT_FAILURE, EXIT_LOCKED, EXIT_OK, run_daemon
 from supervisor.config import PathFlags, load_config
-from supervisor.errors import ActorDied, ConfigError, DlkeeperError, StateLocked
+from supervisor.errors import ConfigError, StateLocked, first_dlkeeper_error
 
 
 def add_path_flags(parser: argparse.ArgumentParser) -> None:
@@ -93,26 +93,6 @@ def _exit_status(exc: BaseException) -> int:
     if isinstance(error, ConfigError):
         return EXIT_CONFIG
     return EXIT_LOCKED if isinstance(error, StateLocked) else EXIT_FAILURE
-
-
-def first_dlkeeper_error(exc: BaseException) -> DlkeeperError | None:
-    """The error that explains `exc`: the first `DlkeeperError` in it (looking inside exception
-    groups and at what killed an actor), preferring a root cause to an `ActorDied`."""
-    found = list(_dlkeeper_errors(exc))
-    causes = [error for error in found if not isinstance(error, ActorDied)]
-    chosen = causes or found
-    return chosen[0] if chosen else None
-
-
-def _dlkeeper_errors(exc: BaseException) -> Iterator[DlkeeperError]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _dlkeeper_errors(inner)
-    elif isinstance(exc, ActorDied) and exc.cause is not None:
-        yield from _dlkeeper_errors(exc.cause)
-        yield exc
-    elif isinstance(exc, DlkeeperError):
-        yield exc
 
 
 if __name__ == "__main__":

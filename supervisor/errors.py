@@ -8,6 +8,7 @@ module that meets them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -154,3 +155,23 @@ class StateTooNew(StateError):
 
 class StateWriteFailed(StateError):
     """The state could not be written (disk full, I/O error); the change was not made."""
+
+
+def first_dlkeeper_error(exc: BaseException) -> DlkeeperError | None:
+    """The error that explains `exc`: the first `DlkeeperError` in it (looking inside exception
+    groups and at what killed an actor), preferring a root cause to an `ActorDied`."""
+    found = list(_dlkeeper_errors(exc))
+    causes = [error for error in found if not isinstance(error, ActorDied)]
+    chosen = causes or found
+    return chosen[0] if chosen else None
+
+
+def _dlkeeper_errors(exc: BaseException) -> Iterator[DlkeeperError]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _dlkeeper_errors(inner)
+    elif isinstance(exc, ActorDied) and exc.cause is not None:
+        yield from _dlkeeper_errors(exc.cause)
+        yield exc
+    elif isinstance(exc, DlkeeperError):
+        yield exc

@@ -21,7 +21,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from supervisor.errors import ActorDied, AskTimeout, DlkeeperError, MailboxFull
+from supervisor.errors import (
+    ActorDied,
+    AskTimeout,
+    DlkeeperError,
+    MailboxFull,
+    first_dlkeeper_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +191,9 @@ async def _run_actor(
             await actor.run(receive)
     except BaseException as exc:
         cause = exc
-        if isinstance(exc, DlkeeperError):
-            log.error("actor %s failed: %s", actor.name, exc)
+        known = first_dlkeeper_error(exc)
+        if known is not None:  # an error dlkeeper knows how to explain needs no traceback
+            log.error("actor %s failed: %s", actor.name, known)
         elif not isinstance(exc, anyio.get_cancelled_exc_class()):
             log.exception("actor %s failed", actor.name)
         raise

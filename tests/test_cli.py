@@ -14,6 +14,7 @@ import pytest
 from actors.state import MigrationContext
 from actors.statefile import StateStore
 from tests.records import make_record
+from tests.swarm import LOOPBACK_SETTINGS
 
 DEADLINE = 20.0
 
@@ -29,12 +30,30 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+def loopback_config(directory: Path, library: Path, **libtorrent: str | int | bool) -> Path:
+    """A config file for a daemon that only ever touches 127.0.0.1."""
+    settings = {**LOOPBACK_SETTINGS, **libtorrent}
+    lines = [f'library_path = "{library}"', "", "[libtorrent]"]
+    lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "dlkeeper.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
 class Daemon:
     """`dlkeeper serve` in a child process, stopped (and if need be killed) on exit."""
 
     def __init__(self, library: Path) -> None:
+        config = loopback_config(library.parent, library)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", "--library-path", str(library)],
+            [sys.executable, "-m", "supervisor", "serve", "--config", str(config)],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -108,10 +127,22 @@ def test_serve_with_an_unknown_flag_exits_2() -> None:
     assert "--no-such-flag" in result.stderr
 
 
+def test_unknown_libtorrent_setting_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = loopback_config(tmp_path, tmp_path / "library", no_such_setting=1)
+    result = run("-m", "supervisor", "serve", "--config", str(config))
+    assert result.returncode == 2
+    assert (
+        "dlkeeper: config error: libtorrent.no_such_setting: unknown libtorrent setting"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_second_daemon_on_the_same_library_exits_3_naming_the_lock(
     tmp_path: Path, daemon: Daemon
 ) -> None:
-    result = run("-m", "supervisor", "serve", "--library-path", str(tmp_path / "library"))
+    config = loopback_config(tmp_path / "second", tmp_path / "library")
+    result = run("-m", "supervisor", "serve", "--config", str(config))
     assert result.returncode == 3
     lock = tmp_path / "library" / "data" / "downloads.json.lock"
     assert f"dlkeeper: another dlkeeper holds the state lock {lock}" in result.stderr

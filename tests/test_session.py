@@ -13,8 +13,7 @@ import pytest
 from actors.metainfo import torrent_info_hash
 from actors.session import RestartIntensityExceeded
 from actors.state import DownloadStatus
-from supervisor.cli import first_dlkeeper_error
-from supervisor.errors import ConfigError
+from supervisor.errors import ConfigError, first_dlkeeper_error
 from supervisor.messages import (
     DownloadErrored,
     DownloadFinished,

@@ -1,0 +1,91 @@
+"""The monitor actor: turns what the session reports into durable state.
+
+It consumes the session actor's events, in order, and records each in the state file before
+anything else may act on it: a finished download becomes `completed` with `completed_at`, a
+download that errored (or could not be replayed) becomes `failed` with the reason, and a
+magnet's kept `.torrent` is recorded so that no later resume depends on peers for metadata.
+The daemon starts it only after the replay, so completions that libtorrent reported while the
+saved downloads were being replayed are handled then, neither lost nor early.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from actors.persistence import Persistence
+from actors.state import ACTIVE_STATUSES, DownloadStatus
+from supervisor.errors import DlkeeperError, NotFound
+from supervisor.mailbox import Actor, Envelope
+from supervisor.messages import (
+    DownloadErrored,
+    DownloadFinished,
+    DownloadMetadataKept,
+    RecordChanges,
+    SessionEvent,
+    WorkerRestarted,
+)
+
+log = logging.getLogger(__name__)
+
+
+class MonitorActor(Actor[None]):
+    """Records the session's events durably; see the module docstring."""
+
+    name = "monitor"
+
+    def __init__(
+        self, persistence: Persistence, events: MemoryObjectReceiveStream[SessionEvent]
+    ) -> None:
+        self._persistence = persistence
+        self._events = events
+
+    async def run(self, inbox: MemoryObjectReceiveStream[Envelope[None]]) -> None:
+        # The work comes from the event stream; the inbox closing is the signal to stop.
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._consume)
+            async for _ in inbox:
+                pass
+            task_group.cancel_scope.cancel()
+
+    async def _consume(self) -> None:
+        async for event in self._events:
+            try:
+                await self._record(event)
+            except NotFound:
+                log.info("%s for a download no longer kept; ignored", event.kind)
+            except DlkeeperError as exc:
+                log.error("could not record %s: %s", event.kind, exc)
+
+    async def _record(self, event: SessionEvent) -> None:
+        if isinstance(event, DownloadFinished):
+            record = await self._persistence.get(event.task_id)
+            if record.status in ACTIVE_STATUSES:
+                await self._persistence.update(
+                    event.task_id,
+                    RecordChanges(
+                        status=DownloadStatus.COMPLETED,
+                        progress=1.0,
+                        completed_at=datetime.now(UTC),
+                        error=None,
+                    ),
+                )
+                log.info("download %s completed", event.task_id)
+        elif isinstance(event, DownloadErrored):
+            record = await self._persistence.get(event.task_id)
+            if record.status in ACTIVE_STATUSES:  # a completed download stays completed
+                await self._persistence.update(
+                    event.task_id, RecordChanges(status=DownloadStatus.FAILED, error=event.error)
+                )
+                log.warning("download %s failed: %s", event.task_id, event.error)
+        elif isinstance(event, DownloadMetadataKept):
+            record = await self._persistence.get(event.task_id)
+            changes = RecordChanges(torrent_file_path=event.torrent_path)
+            if not record.name and event.name:
+                changes = RecordChanges(torrent_file_path=event.torrent_path, name=event.name)
+            await self._persistence.update(event.task_id, changes)
+        elif isinstance(event, WorkerRestarted):
+            log.warning("libtorrent worker restarted (%d so far): %s", event.restarts, event.reason)
