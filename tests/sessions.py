@@ -15,6 +15,7 @@ import anyio
 import libtorrent as lt
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from actors.monitor import MonitorActor
 from actors.persistence import Persistence, PersistenceActor
 from actors.session import Session, SessionActor, SessionOptions
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext
@@ -123,6 +124,20 @@ class RunningSession:
                     return status
                 await anyio.sleep(0.05)
 
+    async def wait_record(
+        self,
+        task_id: str,
+        condition: Callable[[DownloadRecord], bool],
+        timeout: float = DEADLINE,
+    ) -> DownloadRecord:
+        """Polls the saved record until `condition` holds; fails after `timeout` seconds."""
+        with anyio.fail_after(timeout):
+            while True:
+                record = await self.persistence.get(task_id)
+                if condition(record):
+                    return record
+                await anyio.sleep(0.05)
+
     async def add(self, record: DownloadRecord) -> None:
         """Persists the download, then starts it (the order the daemon uses)."""
         await self.persistence.add(record)
@@ -130,8 +145,14 @@ class RunningSession:
 
 
 @asynccontextmanager
-async def running_session(library: Library, **options: Any) -> AsyncIterator[RunningSession]:
-    """The persistence and session actors on `library`, with loopback libtorrent settings."""
+async def running_session(
+    library: Library, *, monitor: bool = False, **options: Any
+) -> AsyncIterator[RunningSession]:
+    """The persistence and session actors on `library`, with loopback libtorrent settings.
+
+    With `monitor`, a monitor actor is started after the replay (the daemon's boot order) and
+    takes the session's events: the test then sees their effect in the persistence actor.
+    """
     settings = {**LOOPBACK_SETTINGS, **options.pop("libtorrent", {})}
     session_options = SessionOptions(
         torrents_dir=library.torrents_dir, libtorrent=settings, **options
@@ -144,6 +165,8 @@ async def running_session(library: Library, **options: Any) -> AsyncIterator[Run
         actor = SessionActor(session_options, persistence, publish)
         session = Session(await group.start(actor))
         await session.wait_replayed(timeout=DEADLINE)
+        if monitor:
+            await group.start(MonitorActor(persistence, events))
         yield RunningSession(persistence, session, events)
 
 
