@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import itertools
 import logging
 import math
+import os
 import signal
+import socket
+import stat
 import sys
 import time
 from collections import deque
@@ -35,7 +39,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import ValidationError
 
 from actors.atomic import write_file_atomically
-from actors.metainfo import torrent_name
+from actors.metainfo import torrent_info_hash, torrent_name
 from actors.persistence import Persistence
 from actors.state import ACTIVE_STATUSES, MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
 from supervisor.errors import (
@@ -97,6 +101,7 @@ log = logging.getLogger(__name__)
 C = TypeVar("C", bound=WorkerCommand)
 
 MAX_LINE_BYTES = 256 * 1024 * 1024  # resume data of a huge v2 torrent can be tens of MiB
+MAX_RESUME_BYTES = 128 * 1024 * 1024
 WORKER_MODULE = "actors.session_worker"
 
 _ERRORS_BY_CODE: dict[str, type[DlkeeperError]] = {
@@ -122,6 +127,7 @@ class SessionOptions:
     restart_window: float = 60.0
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
+    worker_stop_timeout: float = 2.0  # after stdin closes, and again after SIGTERM
     worker_command: tuple[str, ...] = (sys.executable, "-m", WORKER_MODULE)
 
     def torrent_path(self, task_id: str) -> Path:
@@ -135,6 +141,10 @@ class WorkerGone(DlkeeperError):
     """The worker died (or was killed) before it answered."""
 
 
+class WorkerTimeout(WorkerGone):
+    """The worker did not answer in time: it hangs, and is treated as gone (killed, replaced)."""
+
+
 class RestartIntensityExceeded(DlkeeperError):
     """The worker had to be restarted too often: the daemon gives up and lets systemd act."""
 
@@ -145,9 +155,8 @@ class RestartIntensityExceeded(DlkeeperError):
 class WorkerProcess:
     """A running worker: its process, its requests in flight, and the reader of its output."""
 
-    def __init__(self, process: Process, events: MemoryObjectSendStream[Message], pid: int) -> None:
+    def __init__(self, process: Process, events: MemoryObjectSendStream[Message]) -> None:
         self.process = process
-        self.pid = pid
         self.exited = anyio.Event()
         self.exit_reason = "running"
         self._events = events
@@ -155,6 +164,10 @@ class WorkerProcess:
         self._pending: dict[int, Reply] = {}
         self._configured = Reply()
         self._send_lock = anyio.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     async def read_output(self) -> None:
         """Reads replies and events until the worker's stdout closes; then fails what waits."""
@@ -184,6 +197,8 @@ class WorkerProcess:
             log.error("worker wrote a malformed line (%s): %.200r", exc.errors()[0]["msg"], line)
             return
         if isinstance(output, WorkerReply):
+            if output.id == 0:  # the answer to `configure`, when it failed
+                self._configured.send(output)
             reply = self._pending.pop(output.id, None)
             if reply is not None:
                 reply.send(output)
@@ -196,33 +211,35 @@ class WorkerProcess:
         self, settings: Mapping[str, str | int | bool], timeout: float
     ) -> WorkerReady:
         """Starts the session; raises `ConfigError` for a bad [libtorrent] setting."""
-        await self._send(ConfigureSession(id=0, settings=dict(settings)))
         with anyio.move_on_after(timeout):
+            await self._send(ConfigureSession(id=0, settings=dict(settings)))
             answer = await self._configured.wait()
             if isinstance(answer, SettingsRejected):
                 raise ConfigError(f"libtorrent.{answer.key}", answer.reason)
+            if isinstance(answer, WorkerReply):
+                message = answer.error.message if answer.error else "no reason given"
+                raise WorkerGone(f"the libtorrent worker failed to start its session: {message}")
             return expect(answer, WorkerReady)
-        raise WorkerGone(f"the libtorrent worker did not get ready within {timeout:g} s")
+        raise WorkerTimeout(f"the libtorrent worker did not get ready within {timeout:g} s")
 
     async def request(self, command: Callable[[int], C], timeout: float) -> dict[str, Any]:
-        """Sends `command(id)` and returns the result of its reply; raises its error."""
+        """Sends `command(id)` and returns the result of its reply; raises its error.
+
+        `WorkerGone` when the worker died, `WorkerTimeout` when it did not answer in time.
+        """
+        if self.exited.is_set():
+            raise WorkerGone(f"the libtorrent worker is gone: {self.exit_reason}")
         request_id = next(self._ids)
         reply = Reply()
         self._pending[request_id] = reply
         try:
-            await self._send(command(request_id))
+            # Sending is inside the deadline too: a worker that stopped reading fills the pipe.
             with anyio.move_on_after(timeout):
-                answer = expect(await reply.wait(), WorkerReply)
-                if answer.ok:
-                    return answer.result or {}
-                assert answer.error is not None
-                error_type = _ERRORS_BY_CODE.get(answer.error.code, DlkeeperError)
-                if answer.error.code == "not_found":
-                    raise NotFound(answer.error.message.removeprefix("no download "))
-                if answer.error.traceback:
-                    log.error("worker error: %s", answer.error.traceback)
-                raise error_type(answer.error.message)
-            raise WorkerGone(f"the libtorrent worker did not answer within {timeout:g} s")
+                await self._send(command(request_id))
+                return _result(expect(await reply.wait(), WorkerReply))
+            # A worker that does not answer hangs: killed now, the session actor replaces it.
+            self._signal(signal.SIGKILL)
+            raise WorkerTimeout(f"the libtorrent worker did not answer within {timeout:g} s")
         finally:
             self._pending.pop(request_id, None)
 
@@ -238,24 +255,42 @@ class WorkerProcess:
     async def kill(self) -> None:
         """SIGKILL (works on a stopped process too) and reap."""
         with anyio.CancelScope(shield=True):
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
+            self._signal(signal.SIGKILL)
             await self.process.wait()
 
     async def close(self, timeout: float) -> None:
         """Asks the worker to stop (stdin closed), then SIGTERM, then SIGKILL; always reaps."""
         with anyio.CancelScope(shield=True):
             if self.process.stdin is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
                     await self.process.stdin.aclose()
-            for stop in (None, signal.SIGTERM):
+            for escalation in (signal.SIGTERM, signal.SIGKILL):
                 with anyio.move_on_after(timeout):
                     await self.process.wait()
                     return
-                if stop is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        self.process.send_signal(stop)
-            await self.kill()
+                log.warning("libtorrent worker did not stop; sending %s", escalation.name)
+                self._signal(escalation)
+            await self.process.wait()
+
+    def _signal(self, signum: signal.Signals) -> None:
+        # os.kill, not Process.kill(): that polls the child, which can reap it before asyncio's
+        # child watcher does ("Unknown child process pid N, will report returncode 255").
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signum)
+
+
+def _result(answer: WorkerReply) -> dict[str, Any]:
+    """The result of a worker's reply, or its error raised as ours."""
+    if answer.ok:
+        return answer.result or {}
+    if answer.error is None:
+        raise DlkeeperError("the libtorrent worker failed without saying why")
+    if answer.error.code == "not_found":
+        raise NotFound(answer.error.message.removeprefix("no download "))
+    if answer.error.traceback:
+        log.error("libtorrent worker error: %s", answer.error.traceback)
+    raise _ERRORS_BY_CODE.get(answer.error.code, DlkeeperError)(answer.error.message)
 
 
 # --- the actor ------------------------------------------------------------------------------------
@@ -279,13 +314,13 @@ class SessionActor(Actor[SessionCommand]):
         self._worker_ready = False
         self._worker_changed = anyio.Event()
         self._replayed = anyio.Event()
-        self._in_session: set[str] = set()
+        self._forgotten: set[str] = set()  # stopped: late files from the worker are dropped
         self._restarts = 0
         self._stopping = False
         self._last_failure = ""
         self._resumed_at_start = 0
         self._resume_failures = 0
-        events_send, events_receive = anyio.create_memory_object_stream[Message](math.inf)
+        events_send, events_receive = anyio.create_memory_object_stream[Message | _Flush](math.inf)
         self._worker_events_send = events_send
         self._worker_events = events_receive
 
@@ -303,22 +338,27 @@ class SessionActor(Actor[SessionCommand]):
 
     async def _keep_worker_running(self) -> None:
         restarts: deque[float] = deque()
+        failed_starts = 0  # in a row, without a worker that got as far as serving
         backoff = self._options.backoff_initial
         while True:
             started = time.monotonic()
-            reason = await self._run_one_worker()
+            reason, served = await self._run_one_worker()
             if self._stopping:
                 return
+            failed_starts = 0 if served else failed_starts + 1
             if time.monotonic() - started > self._options.restart_window:
                 backoff = self._options.backoff_initial  # it was stable: start over
             now = time.monotonic()
             restarts.append(now)
             while restarts and now - restarts[0] > self._options.restart_window:
                 restarts.popleft()
-            if len(restarts) > self._options.max_restarts:
+            # A worker that never gets ready may take longer than the window to fail, so
+            # failed starts in a row count on their own.
+            if max(len(restarts), failed_starts) > self._options.max_restarts:
                 raise RestartIntensityExceeded(
-                    f"the libtorrent worker failed {len(restarts)} times within "
-                    f"{self._options.restart_window:g} s (last: {reason}); giving up"
+                    f"the libtorrent worker failed {max(len(restarts), failed_starts)} times "
+                    f"within {self._options.restart_window:g} s or in a row (last: {reason}); "
+                    "giving up"
                 )
             self._restarts += 1
             self._last_failure = reason
@@ -328,29 +368,28 @@ class SessionActor(Actor[SessionCommand]):
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, self._options.backoff_max)
 
-    async def _run_one_worker(self) -> str:
-        """Runs one worker from spawn to death; returns why it ended."""
+    async def _run_one_worker(self) -> tuple[str, bool]:
+        """Runs one worker from spawn to death; returns why it ended and whether it served."""
         process = await anyio.open_process(
             list(self._options.worker_command), stderr=None, start_new_session=True
         )
-        worker = WorkerProcess(process, self._worker_events_send, process.pid)
-        reason = "never started"
+        worker = WorkerProcess(process, self._worker_events_send)
         try:
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(worker.read_output)
-                reason = await self._serve_worker(worker)
+                result = await self._serve_worker(worker)
                 task_group.cancel_scope.cancel()
         finally:
             self._worker = None
             self._set_worker_ready(False)
             await worker.kill()
-        return reason
+        return result
 
-    async def _serve_worker(self, worker: WorkerProcess) -> str:
+    async def _serve_worker(self, worker: WorkerProcess) -> tuple[str, bool]:
         try:
             ready = await worker.configure(self._options.libtorrent, self._options.start_timeout)
         except WorkerGone as exc:
-            return str(exc)
+            return str(exc), False
         log.info(
             "libtorrent %s worker (pid %d) listening on port %d",
             ready.libtorrent_version,
@@ -358,16 +397,16 @@ class SessionActor(Actor[SessionCommand]):
             ready.listen_port,
         )
         self._worker = worker
-        self._in_session.clear()
         if self._restarts:
             # Through the worker's event queue, so that it follows every event of the old worker
             # and precedes every event of the new one.
             self._worker_events_send.send_nowait(
                 WorkerRestarted(restarts=self._restarts, reason=self._last_failure)
             )
-        await self._replay(worker)
+        if not await self._replay(worker):
+            return f"died during the replay ({worker.exit_reason})", False
         self._set_worker_ready(True)
-        return await self._watch(worker)
+        return await self._watch(worker), True
 
     def _set_worker_ready(self, ready: bool) -> None:
         self._worker_ready = ready
@@ -384,12 +423,13 @@ class SessionActor(Actor[SessionCommand]):
                 await worker.request(
                     lambda request_id: Ping(id=request_id), self._options.heartbeat_timeout
                 )
-            except WorkerGone as exc:
-                if worker.exited.is_set():
-                    return f"exited ({worker.exit_reason})"
+            except WorkerTimeout as exc:
                 return f"hung ({exc})"
+            except WorkerGone:
+                return f"exited ({worker.exit_reason})"
 
-    async def _replay(self, worker: WorkerProcess) -> None:
+    async def _replay(self, worker: WorkerProcess) -> bool:
+        """Adds every active download; False when the worker died (or hung) meanwhile."""
         first = not self._replayed.is_set()
         snapshot = await self._persistence.snapshot()
         active = [record for record in snapshot.values() if record.status in ACTIVE_STATUSES]
@@ -415,9 +455,9 @@ class SessionActor(Actor[SessionCommand]):
                 for record in active:
                     task_group.start_soon(replay_one, record)
         except* WorkerGone:
-            worker_died = True  # the watcher sees the death and restarts
+            worker_died = True
         if worker_died:
-            return
+            return False
         log.info(
             "replayed %d of %d downloads in %.3f s",
             len(active) - failures,
@@ -428,27 +468,36 @@ class SessionActor(Actor[SessionCommand]):
             self._resumed_at_start = len(active) - failures
             self._resume_failures += failures
             self._replayed.set()
+        return True
 
     def _read_sources(self, records: list[DownloadRecord]) -> dict[str, _Sources]:
         return {record.task_id: self._read_source(record) for record in records}
 
     def _read_source(self, record: DownloadRecord) -> _Sources:
+        """What a download can be added from: its .torrent (the record's, else the copy kept
+        for a magnet), checked to be of this download, and its fast-resume data."""
         torrent: bytes | None = None
         problem: str | None = None
         kept = self._options.torrent_path(record.task_id)
+        path = Path(record.torrent_file_path) if record.torrent_file_path else kept
         if record.torrent_file_path or kept.exists():
-            # The record's .torrent, else the copy kept when a magnet's metadata arrived.
-            path = Path(record.torrent_file_path) if record.torrent_file_path else kept
             try:
-                if path.stat().st_size > MAX_TORRENT_BYTES:
-                    problem = f"{path} is larger than {MAX_TORRENT_BYTES} bytes"
-                else:
-                    torrent = path.read_bytes()
-            except OSError as exc:
-                problem = f"cannot read {path}: {exc.strerror}"
+                torrent = read_small_file(path, MAX_TORRENT_BYTES)
+                found = torrent_info_hash(torrent)
+            except (OSError, DlkeeperError) as exc:
+                torrent, problem = None, f"cannot use {path}: {_reason(exc)}"
+            else:
+                if record.info_hash and record.info_hash != found:
+                    torrent = None
+                    problem = f"{path} is the torrent {found}, not {record.info_hash}"
         resume: bytes | None = None
-        with contextlib.suppress(FileNotFoundError):
-            resume = self._options.resume_path(record.task_id).read_bytes()
+        resume_path = self._options.resume_path(record.task_id)
+        try:
+            resume = read_small_file(resume_path, MAX_RESUME_BYTES)
+        except FileNotFoundError:
+            pass
+        except (OSError, DlkeeperError) as exc:
+            log.warning("download %s: %s ignored: %s", record.task_id, resume_path, _reason(exc))
         return _Sources(torrent, resume, problem)
 
     async def _add(self, worker: WorkerProcess, record: DownloadRecord, sources: _Sources) -> None:
@@ -456,48 +505,51 @@ class SessionActor(Actor[SessionCommand]):
             raise InvalidTorrent(sources.problem or "it has neither a .torrent nor a magnet link")
         if sources.problem:
             log.warning("download %s: %s; using its magnet link", record.task_id, sources.problem)
+        peers = await resolve_peers(record.peers)
+        self._forgotten.discard(record.task_id)
 
-        def command(request_id: int) -> AddTorrent:
-            return AddTorrent(
+        def add_from(torrent: bytes | None) -> Callable[[int], AddTorrent]:
+            return lambda request_id: AddTorrent(
                 id=request_id,
                 task_id=record.task_id,
-                torrent_b64=_b64(sources.torrent),
-                magnet=record.magnet_link if sources.torrent is None else None,
+                torrent_b64=_b64(torrent),
+                magnet=record.magnet_link if torrent is None else None,
                 resume_b64=_b64(sources.resume),
                 save_path=record.save_path,
                 file_priorities=record.file_priorities,
                 paused=record.status is DownloadStatus.PAUSED,
-                peers=record.peers,
+                peers=peers,
             )
 
         try:
-            await worker.request(command, self._options.request_timeout)
+            await worker.request(add_from(sources.torrent), self._options.request_timeout)
         except InvalidTorrent:
-            if not record.magnet_link:
+            if sources.torrent is None or not record.magnet_link:
                 raise
-            log.warning(
-                "download %s: its .torrent is invalid; using its magnet link", record.task_id
-            )
-            sources = _Sources(None, sources.resume, None)
-            await worker.request(command, self._options.request_timeout)
-        self._in_session.add(record.task_id)
+            log.warning("download %s: its .torrent is invalid; using its magnet", record.task_id)
+            await worker.request(add_from(None), self._options.request_timeout)
 
     # --- events from the worker -----------------------------------------------------------------
 
     async def _handle_worker_events(self) -> None:
         async for event in self._worker_events:
+            if isinstance(event, _Flush):
+                event.done.set()
+                continue
             try:
                 await self._on_worker_event(event)
-            except OSError as exc:
+            except (OSError, DlkeeperError, ValueError) as exc:
                 log.error("cannot keep what the worker sent (%s): %s", type(event).__name__, exc)
 
     async def _on_worker_event(self, event: Message) -> None:
         if isinstance(event, ResumeDataSaved):
-            if event.task_id in self._in_session:  # not for a download removed meanwhile
+            if event.task_id not in self._forgotten:  # not for a download stopped meanwhile
                 path = self._options.resume_path(event.task_id)
                 data = _unb64(event.resume_b64)
                 await anyio.to_thread.run_sync(write_file_atomically, path, data)
         elif isinstance(event, MetadataReceived):
+            if event.task_id in self._forgotten:
+                return
             path = self._options.torrent_path(event.task_id)
             data = _unb64(event.torrent_b64)
             await anyio.to_thread.run_sync(write_file_atomically, path, data)
@@ -519,17 +571,25 @@ class SessionActor(Actor[SessionCommand]):
                 )
             )
 
+    async def _flush_worker_events(self) -> None:
+        """Returns once every event read from the worker so far has been handled."""
+        flush = _Flush()
+        self._worker_events_send.send_nowait(flush)
+        await flush.done.wait()
+
     async def _save_resume_data_periodically(self) -> None:
         while True:
             await anyio.sleep(self._options.resume_save_interval)
             worker = self._worker
-            if worker is None:
+            if worker is None or not self._worker_ready:
                 continue
-            with contextlib.suppress(WorkerGone):
+            try:
                 await worker.request(
                     lambda request_id: SaveResumeData(id=request_id, only_if_modified=True),
                     self._options.request_timeout,
                 )
+            except DlkeeperError as exc:
+                log.warning("periodic save of resume data failed: %s", exc)
 
     # --- commands -------------------------------------------------------------------------------
 
@@ -543,6 +603,10 @@ class SessionActor(Actor[SessionCommand]):
                 if isinstance(error, WorkerGone):
                     error = NotReady(f"the libtorrent worker restarted; retry ({error})")
                 reply.fail(error)
+            return
+        except (KeyError, TypeError, ValueError) as exc:  # a reply not shaped as promised
+            if reply is not None:
+                reply.fail(DlkeeperError(f"unexpected answer from the libtorrent worker: {exc}"))
             return
         if reply is not None:
             reply.send(result)
@@ -561,26 +625,25 @@ class SessionActor(Actor[SessionCommand]):
         worker = await self._ready_worker()
         timeout = self._options.request_timeout
         if isinstance(command, StartDownload):
-            if command.record.task_id not in self._in_session:
-                sources = await anyio.to_thread.run_sync(self._read_source, command.record)
-                await self._add(worker, command.record, sources)
-            return DoneReply()
-        if isinstance(command, GetDownloadStatus):
+            sources = await anyio.to_thread.run_sync(self._read_source, command.record)
+            await self._add(worker, command.record, sources)
+        elif isinstance(command, GetDownloadStatus):
             result = await worker.request(
                 lambda request_id: GetTorrentStatus(id=request_id, task_id=command.task_id), timeout
             )
             return StatusReply(
                 torrents=tuple(TorrentStatus.model_validate(t) for t in result["torrents"])
             )
-        if isinstance(command, SaveAllResumeData):
+        elif isinstance(command, SaveAllResumeData):
             result = await worker.request(
                 lambda request_id: SaveResumeData(
                     id=request_id, only_if_modified=command.only_if_modified
                 ),
                 timeout,
             )
-            return ResumeSavedReply(saved=result["saved"], failed=result["failed"])
-        if isinstance(command, PauseDownload):
+            await self._flush_worker_events()  # the files are written when this answers
+            return ResumeSavedReply(saved=int(result["saved"]), failed=int(result["failed"]))
+        elif isinstance(command, PauseDownload):
             await worker.request(
                 lambda request_id: PauseTorrent(id=request_id, task_id=command.task_id), timeout
             )
@@ -596,14 +659,27 @@ class SessionActor(Actor[SessionCommand]):
                 timeout,
             )
         elif isinstance(command, StopDownload):
-            self._in_session.discard(command.task_id)
+            await self._stop(worker, command)
+        return DoneReply()
+
+    async def _stop(self, worker: WorkerProcess, command: StopDownload) -> None:
+        """Takes the download out of the session and deletes its .torrent copy and resume data
+        (a forgotten download must not come back with a `rebuild`, nor under a reused id)."""
+        self._forgotten.add(command.task_id)
+        with contextlib.suppress(NotFound):  # not in the session: it failed to replay, say
             await worker.request(
                 lambda request_id: RemoveTorrent(
                     id=request_id, task_id=command.task_id, delete_files=command.delete_files
                 ),
-                timeout,
+                self._options.request_timeout,
             )
-        return DoneReply()
+        await self._flush_worker_events()
+        for path in (
+            self._options.resume_path(command.task_id),
+            self._options.torrent_path(command.task_id),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                await anyio.to_thread.run_sync(path.unlink)
 
     async def _ready_worker(self) -> WorkerProcess:
         """The running worker; during a restart, waits for the next one (bounded)."""
@@ -616,29 +692,28 @@ class SessionActor(Actor[SessionCommand]):
     async def _shut_down(self) -> None:
         """Saves resume data of every download (bounded by shutdown_timeout), stops the worker."""
         with anyio.CancelScope(shield=True):
+            self._stopping = True  # from now on the worker's exit is no reason for a restart
             worker = self._worker
             if worker is None:
                 return
-            with anyio.move_on_after(self._options.shutdown_timeout) as scope:
-                with contextlib.suppress(WorkerGone):
-                    await worker.request(
-                        lambda request_id: SaveResumeData(id=request_id, only_if_modified=False),
+            try:
+                with anyio.move_on_after(self._options.shutdown_timeout) as scope:
+                    if self._worker_ready:
+                        with contextlib.suppress(DlkeeperError):
+                            await worker.request(
+                                lambda request_id: SaveResumeData(
+                                    id=request_id, only_if_modified=False
+                                ),
+                                self._options.shutdown_timeout,
+                            )
+                    await self._flush_worker_events()  # the resume data reaches the disk
+                if scope.cancelled_caught:
+                    log.warning(
+                        "resume data not all saved within shutdown_timeout (%g s)",
                         self._options.shutdown_timeout,
                     )
-                # Let the resume data already read from the worker reach the disk.
-                while True:
-                    try:
-                        event = self._worker_events.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    await self._on_worker_event(event)
-            if scope.cancelled_caught:
-                log.warning(
-                    "shutdown: resume data not all saved within %g s",
-                    self._options.shutdown_timeout,
-                )
-            self._stopping = True  # the worker's exit is no reason for a restart now
-            await worker.close(timeout=2.0)
+            finally:
+                await worker.close(self._options.worker_stop_timeout)
 
 
 @dataclass(frozen=True)
@@ -648,18 +723,65 @@ class _Sources:
     problem: str | None
 
 
+@dataclass
+class _Flush:
+    """A marker in the worker's event queue: `done` is set when the handler reaches it."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; never blocks on a FIFO or device."""
+    with open(path, "rb", opener=_open_nonblocking) as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise DlkeeperError(f"{path} is not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise DlkeeperError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
+async def resolve_peers(peers: tuple[str, ...]) -> tuple[str, ...]:
+    """`host:port` peers with host names resolved to addresses (libtorrent takes addresses)."""
+    resolved: list[str] = []
+    for peer in peers:
+        host, _, port = peer.rpartition(":")
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                infos = await anyio.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except (OSError, ValueError) as exc:
+                log.warning("peer %s skipped: cannot resolve %s: %s", peer, host, exc)
+                continue
+            address = str(infos[0][4][0])
+            resolved.append(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        else:
+            resolved.append(peer)
+    return tuple(resolved)
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+
+
 def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
-    return base64.b64decode(text)
+    return base64.b64decode(text, validate=True)
 
 
 class Session:
     """A typed handle on the session actor."""
 
-    def __init__(self, ref: ActorRef[SessionCommand], timeout: float = 60.0) -> None:
+    def __init__(self, ref: ActorRef[SessionCommand], timeout: float = 120.0) -> None:
         self.ref = ref
         self._timeout = timeout
 

@@ -68,9 +68,6 @@ DEFAULT_SETTINGS: dict[str, str | int | bool] = {
     "user_agent": "dlkeeper/libtorrent-" + lt.__version__,
     "alert_mask": int(_ALERT_MASK),
     "alert_queue_size": 10_000,
-    # Everything dlkeeper does to a torrent is explicit: no surprise seeding of removed files,
-    # no libtorrent-side stop of a finished torrent.
-    "auto_manage_prefer_seeds": False,
 }
 
 _SAVE_RESUME_FLAGS = lt.torrent_handle.save_info_dict | lt.torrent_handle.flush_disk_cache
@@ -92,6 +89,16 @@ def check_settings(settings: dict[str, str | int | bool]) -> tuple[str, str] | N
 def info_hash_of(hashes: Any) -> str:
     """The info hash dlkeeper uses: v1 (SHA-1) hex, or the v2 (SHA-256) hex for v2-only."""
     return str(hashes.v1) if hashes.has_v1() else str(hashes.v2)
+
+
+def all_info_hashes(hashes: Any) -> list[str]:
+    """Every hex info hash a torrent is known by: v1, v2 or both."""
+    known = []
+    if hashes.has_v1():
+        known.append(str(hashes.v1))
+    if hashes.has_v2():
+        known.append(str(hashes.v2))
+    return known
 
 
 def parse_peer(peer: str) -> tuple[str, int]:
@@ -135,6 +142,14 @@ class _Torrent:
 
 
 @dataclass
+class _PendingAdd:
+    """An add libtorrent has not confirmed yet, and every request (retries too) it answers."""
+
+    request: AddTorrent
+    request_ids: list[int]
+
+
+@dataclass
 class _PendingSave:
     """A `save_resume_data` request answered once every download it names has been saved."""
 
@@ -151,8 +166,9 @@ class SessionWorker:
     send: Callable[[Message], None]
     session: Any = None
     torrents: dict[str, _Torrent] = field(default_factory=dict)
-    by_hash: dict[str, str] = field(default_factory=dict)  # info hash -> task_id
-    adding: dict[str, tuple[int, AddTorrent]] = field(default_factory=dict)  # info hash -> request
+    by_handle: dict[Any, str] = field(default_factory=dict)  # torrent handle -> task_id
+    by_hash: dict[str, str] = field(default_factory=dict)  # v1 and v2 info hash -> task_id
+    adding: dict[str, _PendingAdd] = field(default_factory=dict)  # info hash -> its add
     saves: list[_PendingSave] = field(default_factory=list)
 
     # --- commands -------------------------------------------------------------------------------
@@ -210,14 +226,24 @@ class SessionWorker:
             self.send(SettingsRejected(key=rejected[0], reason=rejected[1]))
             return
         settings = {**DEFAULT_SETTINGS, **request.settings}
+        # A configured alert_mask may add alerts, never take away the ones the worker runs on.
+        settings["alert_mask"] = int(settings["alert_mask"]) | int(_ALERT_MASK)
         self.session = lt.session(cast("lt.settings_pack", settings))
         self.send(
             WorkerReady(libtorrent_version=lt.__version__, listen_port=self.session.listen_port())
         )
 
     def add(self, request: AddTorrent) -> None:
-        if request.task_id in self.torrents:
-            raise BadRequest(f"download {request.task_id} is already in the session")
+        present = self.torrents.get(request.task_id)
+        if present is not None:  # a retried add: answer as the first one was answered
+            self.reply_added(request.id, present)
+            return
+        pending = next(
+            (p for p in self.adding.values() if p.request.task_id == request.task_id), None
+        )
+        if pending is not None:
+            pending.request_ids.append(request.id)
+            return
         params = self.add_params(request)
         params.save_path = request.save_path
         if request.file_priorities and params.ti is not None:
@@ -225,8 +251,8 @@ class SessionWorker:
         for peer in request.peers:
             try:
                 params.peers = [*params.peers, parse_peer(peer)]
-            except BadRequest as exc:
-                log.warning("%s: %s", request.task_id, exc)
+            except (BadRequest, TypeError, ValueError) as exc:  # libtorrent takes addresses only
+                log.warning("%s: peer %s skipped: %s", request.task_id, peer, exc)
         # A running download is added paused and auto-managed, and libtorrent's queue starts it:
         # one started directly in a session's first half second (before its first tick) loses
         # its first peer connections for a minute. A paused one stays paused until resumed.
@@ -238,42 +264,56 @@ class SessionWorker:
         params.flags = flags
         info_hash = info_hash_of(params.ti.info_hashes() if params.ti else params.info_hashes)
         if info_hash in self.adding or info_hash in self.by_hash:
-            other = self.by_hash.get(info_hash) or self.adding[info_hash][1].task_id
+            other = self.by_hash.get(info_hash) or self.adding[info_hash].request.task_id
             raise BadRequest(f"torrent {info_hash} is already in the session as {other}")
-        self.adding[info_hash] = (request.id, request)
+        self.adding[info_hash] = _PendingAdd(request, [request.id])
         self.session.async_add_torrent(params)
 
     def add_params(self, request: AddTorrent) -> Any:
-        params = None
-        if request.resume_b64:
-            try:
-                params = lt.read_resume_data(base64.b64decode(request.resume_b64))
-            except RuntimeError as exc:
-                # Unreadable resume data costs a re-check, not the download.
-                log.warning(
-                    "%s: resume data unreadable (%s); adding without it", request.task_id, exc
-                )
+        """The add_torrent_params: the resume data when it is readable and of this torrent,
+        else the .torrent or the magnet alone (which costs a check, never the download)."""
+        source: Any = None
         if request.torrent_b64:
             try:
-                info = lt.torrent_info(base64.b64decode(request.torrent_b64))
+                source = lt.add_torrent_params()
+                source.ti = lt.torrent_info(base64.b64decode(request.torrent_b64))
             except RuntimeError as exc:
                 raise InvalidTorrent(f"not a valid .torrent: {exc}") from None
-            if params is None:
-                params = lt.add_torrent_params()
-            if params.ti is None:
-                params.ti = info
         elif request.magnet:
             try:
-                magnet = lt.parse_magnet_uri(request.magnet)
+                source = lt.parse_magnet_uri(request.magnet)
             except RuntimeError as exc:
                 raise InvalidMagnet(f"not a valid magnet link: {exc}") from None
-            if params is None:
-                params = magnet
-            else:
-                params.peers = list(params.peers) + list(magnet.peers)
-        if params is None:
-            raise BadRequest("an add needs torrent_b64, magnet or resume_b64")
-        return params
+        resume = self.resume_params(request, source)
+        if resume is None:
+            if source is None:
+                raise BadRequest("an add needs torrent_b64, magnet or resume_b64")
+            return source
+        if source is not None:
+            resume.peers = list(resume.peers) + list(source.peers)
+            if resume.ti is None:
+                resume.ti = source.ti
+        return resume
+
+    def resume_params(self, request: AddTorrent, source: Any) -> Any:
+        if not request.resume_b64:
+            return None
+        try:
+            resume = lt.read_resume_data(base64.b64decode(request.resume_b64))
+        except RuntimeError as exc:
+            log.warning("%s: resume data unreadable (%s); adding without it", request.task_id, exc)
+            return None
+        if source is not None:
+            expected = source.ti.info_hashes() if source.ti else source.info_hashes
+            found = resume.ti.info_hashes() if resume.ti else resume.info_hashes
+            if info_hash_of(expected) != info_hash_of(found):
+                log.warning(
+                    "%s: resume data is of another torrent (%s); adding without it",
+                    request.task_id,
+                    info_hash_of(found),
+                )
+                return None
+        return resume
 
     def torrent(self, task_id: str) -> _Torrent:
         torrent = self.torrents.get(task_id)
@@ -285,7 +325,7 @@ class SessionWorker:
         torrent = self.torrents.pop(request.task_id, None)
         if torrent is None:
             raise NotFound(request.task_id)
-        self.by_hash.pop(torrent.info_hash, None)
+        self.forget(torrent)
         flags = lt.session.delete_files if request.delete_files else 0
         self.session.remove_torrent(torrent.handle, flags)
         self.forget_saves(request.task_id)
@@ -345,7 +385,8 @@ class SessionWorker:
 
     def save_resume_data(self, request: SaveResumeData) -> None:
         if request.task_id is not None:
-            chosen = {request.task_id} if self.torrent(request.task_id) else set()
+            self.torrent(request.task_id)  # not_found for an unknown download
+            chosen = {request.task_id}
         else:
             chosen = {
                 task_id
@@ -412,6 +453,7 @@ class SessionWorker:
                 else:
                     alert.handle.prioritize_files(full)
                 torrent.pending_priorities = None
+            self.remember(torrent)  # now under its v1 hash too, for hybrid torrents
             self.send(MetadataReceived(task_id=task_id, torrent_b64=_b64(torrent_bytes)))
         elif isinstance(alert, lt.torrent_finished_alert):
             self.send(TorrentFinished(task_id=task_id))
@@ -436,7 +478,18 @@ class SessionWorker:
         handle = getattr(alert, "handle", None)
         if handle is None or not handle.is_valid():
             return None
-        return self.by_hash.get(info_hash_of(handle.info_hashes()))
+        return self.by_handle.get(handle)
+
+    def remember(self, torrent: _Torrent) -> None:
+        self.torrents[torrent.task_id] = torrent
+        self.by_handle[torrent.handle] = torrent.task_id
+        for info_hash in all_info_hashes(torrent.handle.info_hashes()):
+            self.by_hash[info_hash] = torrent.task_id
+
+    def forget(self, torrent: _Torrent) -> None:
+        self.by_handle.pop(torrent.handle, None)
+        for info_hash in all_info_hashes(torrent.handle.info_hashes()):
+            self.by_hash.pop(info_hash, None)
 
     def on_added(self, alert: Any) -> None:
         params = alert.params
@@ -444,28 +497,24 @@ class SessionWorker:
         pending = self.adding.pop(info_hash, None)
         if pending is None:
             return
-        request_id, request = pending
+        request = pending.request
         if alert.error.value():
-            self.reply_error(
-                request_id, BadRequest(f"libtorrent refused the torrent: {alert.error.message()}")
-            )
+            error = BadRequest(f"libtorrent refused the torrent: {alert.error.message()}")
+            for request_id in pending.request_ids:
+                self.reply_error(request_id, error)
             return
-        handle = alert.handle
-        # A magnet's info hash may be v1 while the handle, after metadata, knows both; the handle
-        # is the authority from now on.
-        info_hash = info_hash_of(handle.info_hashes())
-        torrent = _Torrent(request.task_id, handle, info_hash)
+        # The hash it was added by stays its name (a v2 magnet's, say), even once metadata
+        # tells the v1 hash of a hybrid torrent too.
+        torrent = _Torrent(request.task_id, alert.handle, info_hash)
         if request.file_priorities and params.ti is None:
             torrent.pending_priorities = request.file_priorities  # applied when metadata arrives
-        self.torrents[request.task_id] = torrent
-        self.by_hash[info_hash] = request.task_id
-        self.reply(
-            request_id,
-            {
-                "info_hash": info_hash,
-                "status": self.torrent_status(torrent).model_dump(mode="json"),
-            },
-        )
+        self.remember(torrent)
+        for request_id in pending.request_ids:
+            self.reply_added(request_id, torrent)
+
+    def reply_added(self, request_id: int, torrent: _Torrent) -> None:
+        status = self.torrent_status(torrent).model_dump(mode="json")
+        self.reply(request_id, {"info_hash": torrent.info_hash, "status": status})
 
     # --- output ---------------------------------------------------------------------------------
 
@@ -503,7 +552,7 @@ def main() -> int:
     os.set_blocking(alert_write, False)
     os.set_blocking(alert_read, False)
     stdin = sys.stdin.buffer.fileno()
-    buffered = b""
+    buffered = bytearray()
     alert_fd_set = False
     while True:
         readable, _, _ = select.select([stdin, alert_read], [], [])
@@ -514,11 +563,16 @@ def main() -> int:
             chunk = os.read(stdin, 1 << 20)
             if not chunk:
                 return 0
+            # Only the new chunk is searched: a line of many MiB arrives in many chunks.
+            searched = len(buffered)
             buffered += chunk
-            *lines, buffered = buffered.split(b"\n")
-            for line in lines:
+            end = buffered.find(b"\n", searched)
+            while end >= 0:
+                line = bytes(buffered[:end])
+                del buffered[: end + 1]
                 if line.strip():
                     worker.handle_line(line)
+                end = buffered.find(b"\n")
         if worker.session is not None:
             if not alert_fd_set:
                 worker.session.set_alert_fd(alert_write)

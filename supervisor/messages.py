@@ -360,7 +360,8 @@ class ResumeDownload(Message):
 
 
 class StopDownload(Message):
-    """Take a download out of the session; its files stay unless `delete_files`."""
+    """Take a download out of the session for good (a cancel or an ack): its kept .torrent and
+    resume data are deleted; its downloaded files stay unless `delete_files`."""
 
     kind: Literal["stop_download"] = "stop_download"
     task_id: TaskId

@@ -44,7 +44,9 @@ class Seeder:
 
     def magnet(self, payload: Payload) -> str:
         """A tracker-less magnet for `payload` that names this seeder (`x.pe`)."""
-        return f"magnet:?xt=urn:btih:{payload.info_hash}&dn={payload.name}&x.pe={self.peer}"
+        v2 = len(payload.info_hash) == 64
+        topic = f"urn:btmh:1220{payload.info_hash}" if v2 else f"urn:btih:{payload.info_hash}"
+        return f"magnet:?xt={topic}&dn={payload.name}&x.pe={self.peer}"
 
 
 def _wait_seeding(session: Any, handle: Any, deadline: float) -> None:

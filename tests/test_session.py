@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import libtorrent as lt
 import pytest
 
 from actors.metainfo import torrent_info_hash
 from actors.session import RestartIntensityExceeded
 from actors.state import DownloadStatus
-from supervisor.errors import ConfigError, first_dlkeeper_error
+from supervisor.errors import ActorDied, ConfigError, first_dlkeeper_error
 from supervisor.messages import (
     DownloadErrored,
     DownloadFinished,
@@ -249,3 +251,100 @@ async def test_libtorrent_setting_of_the_wrong_type_is_rejected(library: Library
     assert isinstance(error, ConfigError)
     assert error.key == "libtorrent.enable_dht"
     assert "boolean" in error.reason
+
+
+async def test_clean_stop_saves_resume_data_of_every_download(
+    library: Library, slow_payload: Payload, slow_seeder: Seeder
+) -> None:
+    resume_file = library.torrents_dir / "s1.fastresume"
+    # No periodic save within the test: only the stop can write the resume data.
+    async with running_session(library, resume_save_interval=3600) as running:
+        await running.add(library.record("s1", slow_payload, peers=(slow_seeder.peer,)))
+        at_stop = await running.wait_status("s1", lambda s: s.progress >= 0.2)
+        assert not resume_file.exists()
+    assert resume_progress(resume_file) >= at_stop.progress - 0.01
+
+
+async def test_unreadable_resume_data_costs_a_check_not_the_download(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    record = library.record("u1", payload, peers=(seeder.peer,))
+    (library.torrents_dir / "u1.fastresume").mkdir()  # reading it fails with EISDIR
+    async with running_session(library) as running:
+        await running.persistence.add(record)
+    async with running_session(library) as running:
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "u1")
+        assert (await running.session.stats()).resume_failures == 0
+    assert library.hashes_match(payload)
+
+
+async def test_resume_data_of_another_torrent_is_not_used(
+    library: Library, payload: Payload, seeder: Seeder, tmp_path: Path
+) -> None:
+    # A task_id reused by the bot while an old download's resume data was still on disk.
+    other = make_payload(tmp_path / "other", "Other", {"x.bin": 300_000})
+    with seeding(other) as other_seeder:
+        async with running_session(library) as running:
+            await running.add(library.record("same", other, peers=(other_seeder.peer,)))
+            await running.next_event(DownloadFinished, lambda e: e.task_id == "same")
+            await running.session.save_resume_data(only_if_modified=False)
+            await running.persistence.remove("same")  # the record goes, the file stays
+    assert (library.torrents_dir / "same.fastresume").exists()
+    async with running_session(library) as running:
+        await running.add(library.record("same", payload, peers=(seeder.peer,)))
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "same")
+        (status,) = await running.session.status("same")
+    assert status.info_hash == payload.info_hash
+    assert library.hashes_match(payload)
+
+
+async def test_stopped_download_leaves_no_torrent_copy_or_resume_data(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    async with running_session(library) as running:
+        await running.add(library.record("gone", payload, peers=(seeder.peer,)))
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "gone")
+        await running.session.save_resume_data(only_if_modified=False)
+        assert (library.torrents_dir / "gone.fastresume").exists()
+        await running.session.stop("gone")
+        assert await running.session.status() == ()
+    assert not (library.torrents_dir / "gone.fastresume").exists()
+    assert not (library.torrents_dir / "gone.torrent").exists()
+    assert library.hashes_match(payload)  # the downloaded files stay
+
+
+async def test_v2_only_magnet_download_reports_metadata_and_completion(
+    library: Library, tmp_path: Path
+) -> None:
+    payload = make_payload(
+        tmp_path / "v2", "V2", {"a.bin": 400_000, "b.bin": 1000}, flags=lt.create_torrent.v2_only
+    )
+    with seeding(payload) as seeder:
+        async with running_session(library) as running:
+            await running.add(library.record("v2", payload, magnet=seeder.magnet(payload)))
+            await running.next_event(DownloadMetadataKept, lambda e: e.task_id == "v2")
+            await running.next_event(DownloadFinished, lambda e: e.task_id == "v2")
+    assert library.hashes_match(payload)
+
+
+async def test_a_peer_given_by_host_name_is_connected(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    async with running_session(library) as running:
+        await running.add(library.record("n1", payload, peers=(f"localhost:{seeder.port}",)))
+        await running.next_event(DownloadFinished, lambda e: e.task_id == "n1")
+    assert library.hashes_match(payload)
+
+
+async def test_a_worker_that_never_gets_ready_makes_the_actor_give_up(library: Library) -> None:
+    silent = (sys.executable, "-c", "import sys; sys.stdin.read()")
+    with pytest.RaisesGroup(RestartIntensityExceeded, ActorDied, flatten_subgroups=True):
+        async with running_session(
+            library,
+            worker_command=silent,
+            start_timeout=0.2,
+            max_restarts=2,
+            restart_window=0.1,  # shorter than one failed start: only "in a row" can count
+            backoff_initial=0.01,
+        ):
+            pass
