@@ -622,7 +622,15 @@ class SessionActor(Actor[SessionCommand]):
                 resume_failures=self._resume_failures,
                 worker_pid=self._worker.pid if self._worker is not None else None,
             )
+        # Every command is safe to repeat (a retried add answers like the first), so one that
+        # met a dying worker is sent again to the next one; the replay restored the rest.
         worker = await self._ready_worker()
+        try:
+            return await self._execute_on(worker, command)
+        except WorkerGone:
+            return await self._execute_on(await self._ready_worker(replacing=worker), command)
+
+    async def _execute_on(self, worker: WorkerProcess, command: SessionCommand) -> Message:
         timeout = self._options.request_timeout
         if isinstance(command, StartDownload):
             sources = await anyio.to_thread.run_sync(self._read_source, command.record)
@@ -681,10 +689,11 @@ class SessionActor(Actor[SessionCommand]):
             with contextlib.suppress(FileNotFoundError):
                 await anyio.to_thread.run_sync(path.unlink)
 
-    async def _ready_worker(self) -> WorkerProcess:
-        """The running worker; during a restart, waits for the next one (bounded)."""
+    async def _ready_worker(self, replacing: WorkerProcess | None = None) -> WorkerProcess:
+        """The running worker (other than `replacing`); during a restart, waits for the next
+        one, for at most `request_timeout`, then raises `NotReady`."""
         with anyio.move_on_after(self._options.request_timeout):
-            while self._worker is None or not self._worker_ready:
+            while self._worker is None or not self._worker_ready or self._worker is replacing:
                 await self._worker_changed.wait()
             return self._worker
         raise NotReady("the libtorrent worker is restarting; retry shortly")

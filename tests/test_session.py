@@ -15,7 +15,7 @@ import pytest
 from actors.metainfo import torrent_info_hash
 from actors.session import RestartIntensityExceeded
 from actors.state import DownloadStatus
-from supervisor.errors import ActorDied, ConfigError, first_dlkeeper_error
+from supervisor.errors import ActorDied, ConfigError, NotReady, first_dlkeeper_error
 from supervisor.messages import (
     DownloadErrored,
     DownloadFinished,
@@ -348,3 +348,28 @@ async def test_a_worker_that_never_gets_ready_makes_the_actor_give_up(library: L
             backoff_initial=0.01,
         ):
             pass
+
+
+async def test_a_request_during_a_restart_waits_for_the_new_worker(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    async with running_session(library) as running:
+        await running.add(library.record("w1", payload, peers=(seeder.peer,)))
+        pid = (await running.session.stats()).worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(10):  # bounded: it waits for the replay, then answers
+            (status,) = await running.session.status("w1")
+        assert status.task_id == "w1"
+        assert (await running.session.stats()).worker_pid not in (None, pid)
+
+
+async def test_a_request_gets_not_ready_when_no_worker_comes_back_in_time(
+    library: Library,
+) -> None:
+    async with running_session(library, request_timeout=0.5, backoff_initial=5.0) as running:
+        pid = (await running.session.stats()).worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(5), pytest.raises(NotReady):
+            await running.session.status()
