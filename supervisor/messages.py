@@ -486,3 +486,150 @@ SessionEvent = (
     | DownloadStateChanged
     | WorkerRestarted
 )
+
+
+# --- the message API on the socket (CONTRACT section 2) -----------------------------------------
+# Requests are JSON objects with `id`, `op` and the op's parameters at the top level; a reply
+# is {"id", "ok": true, "result"} or {"id", "ok": false, "error": {"code", "message"}}.
+
+RequestId = int | str
+LiveStatus = Literal[
+    "queued", "checking", "fetching_metadata", "downloading", "paused", "completed", "failed"
+]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileInfo(ApiModel):
+    path: str
+    size: int
+    priority: int
+
+
+class DownloadInfo(ApiModel):
+    task_id: str
+    name: str
+    info_hash: str | None
+    status: LiveStatus
+    progress: float
+    total_bytes: int
+    downloaded_bytes: int
+    download_rate: int
+    upload_rate: int
+    num_peers: int
+    save_path: str
+    created_at: AwareDatetime
+    completed_at: AwareDatetime | None
+    error: str | None
+    files: tuple[FileInfo, ...]
+
+
+class PingResult(ApiModel):
+    version: str
+    ready: bool
+
+
+class AddResult(ApiModel):
+    task_id: str
+    info_hash: str
+    status: LiveStatus
+
+
+class ListResult(ApiModel):
+    downloads: tuple[DownloadInfo, ...]
+
+
+class StatsResult(ApiModel):
+    downloads: dict[str, int]
+    resumed_at_start: int
+    resume_failures: int
+    worker_restarts: int
+    uptime: float
+
+
+class EmptyResult(ApiModel):
+    pass
+
+
+class ApiError(ApiModel):
+    code: str
+    message: str
+    task_id: str | None = None  # for `duplicate`: the download that has this torrent
+
+
+class ApiReply(ApiModel):
+    id: RequestId | None
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: ApiError | None = None
+
+
+class DownloadCompletedEvent(ApiModel):
+    event: Literal["download.completed"] = "download.completed"
+    seq: int
+    task_id: str
+    name: str
+    info_hash: str | None
+    save_path: str
+    files: tuple[FileInfo, ...]
+    torrent_metadata: dict[str, Any]
+    validation_metadata: dict[str, Any]
+    completed_at: AwareDatetime
+
+
+class DownloadFailedEvent(ApiModel):
+    event: Literal["download.failed"] = "download.failed"
+    seq: int
+    task_id: str
+    name: str
+    error: str
+    torrent_metadata: dict[str, Any]
+    validation_metadata: dict[str, Any]
+
+
+class DownloadAddedEvent(ApiModel):
+    event: Literal["download.added"] = "download.added"
+    seq: int
+    task_id: str
+
+
+class DownloadPausedEvent(ApiModel):
+    event: Literal["download.paused"] = "download.paused"
+    seq: int
+    task_id: str
+
+
+class DownloadResumedEvent(ApiModel):
+    event: Literal["download.resumed"] = "download.resumed"
+    seq: int
+    task_id: str
+
+
+class DownloadRemovedEvent(ApiModel):
+    event: Literal["download.removed"] = "download.removed"
+    seq: int
+    task_id: str
+
+
+class DownloadProgressEvent(ApiModel):
+    event: Literal["download.progress"] = "download.progress"
+    seq: int
+    task_id: str
+    progress: float
+    download_rate: int
+    num_peers: int
+
+
+ApiEvent = Annotated[
+    DownloadCompletedEvent
+    | DownloadFailedEvent
+    | DownloadAddedEvent
+    | DownloadPausedEvent
+    | DownloadResumedEvent
+    | DownloadRemovedEvent
+    | DownloadProgressEvent,
+    Field(discriminator="event"),
+]
+API_EVENTS: TypeAdapter[ApiEvent] = TypeAdapter(ApiEvent)
