@@ -382,8 +382,15 @@ class SessionActor(Actor[SessionCommand]):
         finally:
             self._worker = None
             self._set_worker_ready(False)
+            if self._stopping:
+                # Closing: the worker is writing what it holds; killing it now loses data.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._stop_grace()):
+                    await worker.process.wait()
             await worker.kill()
         return result
+
+    def _stop_grace(self) -> float:
+        return self._options.shutdown_timeout + 2 * self._options.worker_stop_timeout + 1
 
     async def _serve_worker(self, worker: WorkerProcess) -> tuple[str, bool]:
         try:
@@ -419,6 +426,9 @@ class SessionActor(Actor[SessionCommand]):
             with anyio.move_on_after(self._options.heartbeat_interval):
                 await worker.exited.wait()
                 return f"exited ({worker.exit_reason})"
+            if self._stopping:  # no more pings: _shut_down is closing it
+                await worker.exited.wait()
+                return "stopped"
             try:
                 await worker.request(
                     lambda request_id: Ping(id=request_id), self._options.heartbeat_timeout
@@ -711,7 +721,7 @@ class SessionActor(Actor[SessionCommand]):
                         with contextlib.suppress(DlkeeperError):
                             await worker.request(
                                 lambda request_id: SaveResumeData(
-                                    id=request_id, only_if_modified=False
+                                    id=request_id, only_if_modified=True
                                 ),
                                 self._options.shutdown_timeout,
                             )

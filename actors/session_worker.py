@@ -19,6 +19,7 @@ import os
 import select
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ DEFAULT_SETTINGS: dict[str, str | int | bool] = {
 }
 
 _SAVE_RESUME_FLAGS = lt.torrent_handle.save_info_dict | lt.torrent_handle.flush_disk_cache
+FLUSH_TIMEOUT = 5.0  # seconds to wait for a cache_flushed_alert before giving up on it
 
 
 def check_settings(settings: dict[str, str | int | bool]) -> tuple[str, str] | None:
@@ -139,6 +141,28 @@ class _Torrent:
     info_hash: str
     pending_priorities: tuple[int, ...] | None = None
     last_state: str = ""
+    # libtorrent hashes blocks before it has written them, so "have" (and "finished") can run
+    # ahead of the files. Resume data and the finish are held until a disk flush requested
+    # after them has completed: flushes requested, flushes completed (they complete in order).
+    flushes_requested: int = 0
+    flushes_completed: int = 0
+    held_resume: list[tuple[int, bytes]] = field(default_factory=list)
+    finish_held_until: int | None = None
+    held_since: float = 0.0
+
+    def request_flush(self) -> int:
+        """Asks libtorrent to write what it holds; returns the flush's number."""
+        self.flushes_requested += 1
+        if not self.held_resume and self.finish_held_until is None:
+            self.held_since = time.monotonic()
+        if self.handle.status(0).has_metadata:
+            self.handle.flush_cache()
+        else:
+            self.flushes_completed += 1  # no files yet, nothing to write (and no alert comes)
+        return self.flushes_requested
+
+    def holds_anything(self) -> bool:
+        return bool(self.held_resume) or self.finish_held_until is not None
 
 
 @dataclass
@@ -456,12 +480,15 @@ class SessionWorker:
             self.remember(torrent)  # now under its v1 hash too, for hybrid torrents
             self.send(MetadataReceived(task_id=task_id, torrent_b64=_b64(torrent_bytes)))
         elif isinstance(alert, lt.torrent_finished_alert):
-            self.send(TorrentFinished(task_id=task_id))
-            self.request_save({task_id})
+            torrent.finish_held_until = torrent.request_flush()
+            self.release_held(torrent)
         elif isinstance(alert, lt.save_resume_data_alert):
             data = lt.write_resume_data_buf(alert.params)
-            self.send(ResumeDataSaved(task_id=task_id, resume_b64=_b64(data)))
-            self.resume_saved(task_id, saved=True)
+            torrent.held_resume.append((torrent.request_flush(), data))
+            self.release_held(torrent)
+        elif isinstance(alert, lt.cache_flushed_alert):
+            torrent.flushes_completed += 1
+            self.release_held(torrent)
         elif isinstance(alert, lt.save_resume_data_failed_alert):
             log.warning("%s: resume data not saved: %s", task_id, alert.message())
             self.resume_saved(task_id, saved=False)
@@ -513,8 +540,28 @@ class SessionWorker:
             self.reply_added(request_id, torrent)
 
     def reply_added(self, request_id: int, torrent: _Torrent) -> None:
-        status = self.torrent_status(torrent).model_dump(mode="json")
-        self.reply(request_id, {"info_hash": torrent.info_hash, "status": status})
+        self.reply(request_id, {"info_hash": torrent.info_hash})
+
+    def release_overdue(self) -> None:
+        """Releases what waited more than FLUSH_TIMEOUT for a flush that never reported back."""
+        now = time.monotonic()
+        for torrent in self.torrents.values():
+            if torrent.holds_anything() and now - torrent.held_since > FLUSH_TIMEOUT:
+                log.warning("%s: no word of the disk flush; going on without it", torrent.task_id)
+                torrent.flushes_completed = torrent.flushes_requested
+                self.release_held(torrent)
+
+    def release_held(self, torrent: _Torrent) -> None:
+        """Sends what waited for the disk: resume data, then the finish (files now complete)."""
+        done = torrent.flushes_completed
+        while torrent.held_resume and torrent.held_resume[0][0] <= done:
+            _, data = torrent.held_resume.pop(0)
+            self.send(ResumeDataSaved(task_id=torrent.task_id, resume_b64=_b64(data)))
+            self.resume_saved(torrent.task_id, saved=True)
+        if torrent.finish_held_until is not None and torrent.finish_held_until <= done:
+            torrent.finish_held_until = None
+            self.send(TorrentFinished(task_id=torrent.task_id))
+            self.request_save({torrent.task_id})
 
     # --- output ---------------------------------------------------------------------------------
 
@@ -555,7 +602,9 @@ def main() -> int:
     buffered = bytearray()
     alert_fd_set = False
     while True:
-        readable, _, _ = select.select([stdin, alert_read], [], [])
+        # A timeout only while something waits for a disk flush (see release_overdue).
+        waiting = any(torrent.holds_anything() for torrent in worker.torrents.values())
+        readable, _, _ = select.select([stdin, alert_read], [], [], 1.0 if waiting else None)
         if alert_read in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(alert_read, 4096)
@@ -578,6 +627,8 @@ def main() -> int:
                 worker.session.set_alert_fd(alert_write)
                 alert_fd_set = True
             worker.process_alerts()
+            if waiting:
+                worker.release_overdue()
 
 
 if __name__ == "__main__":
