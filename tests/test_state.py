@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.metainfo import magnet_info_hash, torrent_info_hash
+from actors.metainfo import magnet_info_hash, torrent_files, torrent_info_hash
 from actors.persistence import apply_mutation
 from actors.state import (
     CURRENT_VERSION,
@@ -51,6 +51,27 @@ CONTEXT = MigrationContext(download_path=Path("/srv/media/downloads"))
 def test_torrent_info_hash_matches_libtorrent(tmp_path: Path, flags: int) -> None:
     payload = make_payload(tmp_path, "movie", {"a.mkv": 70_000, "subs/a.srt": 900}, flags=flags)
     assert torrent_info_hash(payload.torrent) == payload.info_hash
+
+
+@pytest.mark.parametrize(
+    "flags", [0, lt.create_torrent.v1_only, lt.create_torrent.v2_only], ids=["hybrid", "v1", "v2"]
+)
+@pytest.mark.parametrize(
+    "files",
+    [{"a.mkv": 70_000, "sub/b.srt": 900}, {"one.bin": 5000}, {"x/y/z.bin": 10, "w.bin": 40_000}],
+    ids=["two", "one", "nested"],
+)
+def test_torrent_files_match_libtorrents_list_without_padding(
+    tmp_path: Path, flags: int, files: dict[str, int]
+) -> None:
+    payload = make_payload(tmp_path, "pack", files, flags=flags)
+    layout = lt.torrent_info(payload.torrent).layout()
+    expected = [
+        (layout.file_path(i), layout.file_size(i))
+        for i in range(layout.num_files())
+        if not layout.file_flags(i) & lt.file_storage.flag_pad_file
+    ]
+    assert torrent_files(payload.torrent) == expected
 
 
 @pytest.mark.parametrize(
