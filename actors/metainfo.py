@@ -134,6 +134,49 @@ def torrent_name(data: bytes) -> str:
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else ""
 
 
+def torrent_files(data: bytes) -> list[tuple[str, int]]:
+    """The files of a .torrent as (path, size), in libtorrent's order, padding files left out.
+
+    Paths start with the torrent's name for multi-file torrents, as libtorrent reports them.
+    Raises `InvalidTorrent`.
+    """
+    root = bdecode(data)
+    info = root.get(b"info") if isinstance(root, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get(b"name"), bytes):
+        raise InvalidTorrent("not a valid .torrent: no info dictionary with a name")
+    name = info[b"name"].decode("utf-8", "replace")
+    if isinstance(info.get(b"files"), list):  # v1 or hybrid, several files
+        files = []
+        for entry in info[b"files"]:
+            if not isinstance(entry, dict) or b"p" in entry.get(b"attr", b""):
+                continue
+            parts = [part.decode("utf-8", "replace") for part in entry.get(b"path", [])]
+            files.append(("/".join([name, *parts]), int(entry.get(b"length", 0))))
+        return files
+    if isinstance(info.get(b"length"), int):  # v1 or hybrid, one file
+        return [(name, info[b"length"])]
+    tree = info.get(b"file tree")
+    if isinstance(tree, dict):  # v2 only
+        leaves: list[tuple[str, int]] = []
+        _walk_file_tree(tree, [], leaves)
+        if len(leaves) == 1 and "/" not in leaves[0][0]:
+            return leaves  # a single-file v2 torrent: the file is not under the name
+        return [("/".join([name, path]), size) for path, size in leaves]
+    raise InvalidTorrent("not a valid .torrent: the info dictionary lists no files")
+
+
+def _walk_file_tree(
+    node: dict[bytes, object], parts: list[str], out: list[tuple[str, int]]
+) -> None:
+    for key in sorted(node):
+        child = node[key]
+        if key == b"" and isinstance(child, dict):
+            length = child.get(b"length", 0)
+            out.append(("/".join(parts), length if isinstance(length, int) else 0))
+        elif isinstance(child, dict):
+            _walk_file_tree(child, [*parts, key.decode("utf-8", "replace")], out)
+
+
 def magnet_info_hash(uri: str) -> str:
     """The info hash named by a magnet link's `xt` as lowercase hex (v1 preferred over v2).
 

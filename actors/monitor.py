@@ -1,4 +1,4 @@
-"""The monitor actor: turns what the session reports into durable state.
+"""The monitor actor: turns what the session reports into durable state, then tells the bot.
 
 It consumes the session actor's events, in order, and records each in the state file before
 anything else may act on it: a finished download becomes `completed` with `completed_at`, a
@@ -18,6 +18,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from actors.persistence import Persistence
 from actors.state import ACTIVE_STATUSES, DownloadStatus
+from supervisor.bus import EventBus
+from supervisor.downloads import completed_event, failed_event
 from supervisor.errors import DlkeeperError, NotFound
 from supervisor.mailbox import Actor, Envelope
 from supervisor.messages import (
@@ -38,10 +40,14 @@ class MonitorActor(Actor[None]):
     name = "monitor"
 
     def __init__(
-        self, persistence: Persistence, events: MemoryObjectReceiveStream[SessionEvent]
+        self,
+        persistence: Persistence,
+        events: MemoryObjectReceiveStream[SessionEvent],
+        bus: EventBus | None = None,
     ) -> None:
         self._persistence = persistence
         self._events = events
+        self._bus = bus
 
     async def run(self, inbox: MemoryObjectReceiveStream[Envelope[None]]) -> None:
         # The work comes from the event stream; the inbox closing is the signal to stop.
@@ -64,7 +70,7 @@ class MonitorActor(Actor[None]):
         if isinstance(event, DownloadFinished):
             record = await self._persistence.get(event.task_id)
             if record.status in ACTIVE_STATUSES:
-                await self._persistence.update(
+                record = await self._persistence.update(
                     event.task_id,
                     RecordChanges(
                         status=DownloadStatus.COMPLETED,
@@ -74,13 +80,17 @@ class MonitorActor(Actor[None]):
                     ),
                 )
                 log.info("download %s completed", event.task_id)
+                if self._bus is not None:  # on disk first, published second
+                    self._bus.publish(lambda seq: completed_event(record, seq))
         elif isinstance(event, DownloadErrored):
             record = await self._persistence.get(event.task_id)
             if record.status in ACTIVE_STATUSES:  # a completed download stays completed
-                await self._persistence.update(
+                record = await self._persistence.update(
                     event.task_id, RecordChanges(status=DownloadStatus.FAILED, error=event.error)
                 )
                 log.warning("download %s failed: %s", event.task_id, event.error)
+                if self._bus is not None:
+                    self._bus.publish(lambda seq: failed_event(record, seq))
         elif isinstance(event, DownloadMetadataKept):
             record = await self._persistence.get(event.task_id)
             changes = RecordChanges(torrent_file_path=event.torrent_path)

@@ -317,6 +317,7 @@ class SessionActor(Actor[SessionCommand]):
         self._forgotten: set[str] = set()  # stopped: late files from the worker are dropped
         self._restarts = 0
         self._stopping = False
+        self._last_heartbeat = 0.0
         self._last_failure = ""
         self._resumed_at_start = 0
         self._resume_failures = 0
@@ -433,6 +434,7 @@ class SessionActor(Actor[SessionCommand]):
                 await worker.request(
                     lambda request_id: Ping(id=request_id), self._options.heartbeat_timeout
                 )
+                self._last_heartbeat = time.monotonic()
             except WorkerTimeout as exc:
                 return f"hung ({exc})"
             except WorkerGone:
@@ -631,6 +633,9 @@ class SessionActor(Actor[SessionCommand]):
                 resumed_at_start=self._resumed_at_start,
                 resume_failures=self._resume_failures,
                 worker_pid=self._worker.pid if self._worker is not None else None,
+                heartbeat_age=(
+                    time.monotonic() - self._last_heartbeat if self._last_heartbeat else None
+                ),
             )
         # Every command is safe to repeat (a retried add answers like the first), so one that
         # met a dying worker is sent again to the next one; the replay restored the rest.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+from collections.abc import AsyncIterator
 
 import anyio
 
@@ -13,9 +15,13 @@ from actors.persistence import Persistence, PersistenceActor
 from actors.session import Session, SessionActor, SessionOptions
 from actors.state import MigrationContext
 from actors.statefile import StateStore
+from supervisor import systemd
+from supervisor.api import ApiService
+from supervisor.bus import EventBus
 from supervisor.config import Config
 from supervisor.mailbox import actor_group
 from supervisor.messages import SessionEvent
+from supervisor.server import ApiServer
 
 log = logging.getLogger(__name__)
 
@@ -25,47 +31,95 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3
 
+EXIT_INTERRUPTED = 128 + signal.SIGTERM  # a second signal while stopping
+
 # Spawning the worker and replaying 1,000 downloads takes about a second; a slow SD card more.
 SESSION_START_TIMEOUT = 120.0
+# The worker answers a ping every second; one that has not for this long is not healthy.
+HEALTHY_HEARTBEAT_AGE = 10.0
 
 
 async def run_daemon(config: Config) -> None:
-    """Boots dlkeeper in its fixed order, runs until SIGTERM or SIGINT, then stops in reverse.
+    """Boots dlkeeper in its fixed order, serves until SIGTERM or SIGINT, then stops in reverse.
 
     Raises `StateLocked` when another daemon holds the library (the caller exits 3) and
-    `ConfigError` for a [libtorrent] setting libtorrent does not know (exit 2).
+    `ConfigError` for a bad [libtorrent] setting or socket path (exit 2).
     """
-    # Installed first, so that a SIGTERM at any moment after the ready log is a clean stop.
+    # Installed first, so that a SIGTERM at any moment is a clean stop.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with actor_group(stop_timeout=config.shutdown_timeout + 10) as actors:
-            # 1. The config is loaded and valid (the caller did that, exit 2 otherwise).
-            # 2. Take the state lock and load downloads.json: quarantine, backup, migration.
-            store = StateStore(
-                config.state_dir, MigrationContext(download_path=config.download_path)
-            )
-            persistence = Persistence(await actors.start(PersistenceActor(store)))
-            # 3. Start the libtorrent worker and replay every queued, downloading and paused
-            #    download into it. What libtorrent reports meanwhile waits in `events`.
-            config.torrents_dir.mkdir(parents=True, exist_ok=True)
-            publish, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
-            session_actor = SessionActor(session_options(config), persistence, publish)
-            session = Session(await actors.start(session_actor))
-            await session.wait_replayed(timeout=SESSION_START_TIMEOUT)
-            # 4. Only now handle completions (the ones reported during the replay first).
-            await actors.start(MonitorActor(persistence, events))
-            # 5. The socket and READY=1 join here with the message API.
-            stats = await session.stats()
-            log.info(
-                "dlkeeper running: %d downloads resumed, %d could not be, state in %s",
-                stats.resumed_at_start,
-                stats.resume_failures,
-                store.path,
-            )
-            async for received in signals:
-                log.info("received %s", signal.Signals(received).name)
-                break
-            log.info("stopping")
+        async with anyio.create_task_group() as daemon:
+            async with actor_group(stop_timeout=config.shutdown_timeout + 10) as actors:
+                # 1. The config is loaded and valid (the caller did that, exit 2 otherwise).
+                # 2. Take the state lock and load downloads.json: quarantine, backup, migration.
+                store = StateStore(
+                    config.state_dir, MigrationContext(download_path=config.download_path)
+                )
+                persistence = Persistence(await actors.start(PersistenceActor(store)))
+                # 3. Start the libtorrent worker and replay every queued, downloading and
+                #    paused download into it. What libtorrent reports meanwhile waits in `events`.
+                config.torrents_dir.mkdir(parents=True, exist_ok=True)
+                publish, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
+                session_actor = SessionActor(session_options(config), persistence, publish)
+                session = Session(await actors.start(session_actor))
+                await session.wait_replayed(timeout=SESSION_START_TIMEOUT)
+                # 4. Only now handle completions (the ones reported during the replay first).
+                bus = EventBus()
+                await actors.start(MonitorActor(persistence, events, bus))
+                # 5. Open the socket, then tell systemd we are ready.
+                service = ApiService(config, persistence, session, bus)
+                server = ApiServer(service, bus, persistence, session)
+                async with anyio.create_task_group() as serving:
+                    await serving.start(server.serve, config.socket)
+                    systemd.notify("READY=1")
+                    serving.start_soon(_pet_watchdog, session)
+                    stats = await session.stats()
+                    log.info(
+                        "dlkeeper running: %d downloads resumed, %d could not be, "
+                        "socket %s, state in %s",
+                        stats.resumed_at_start,
+                        stats.resume_failures,
+                        config.socket,
+                        store.path,
+                    )
+                    received = await _first(signals)
+                    log.info("received %s: stopping", received.name)
+                    systemd.notify("STOPPING=1")
+                    daemon.start_soon(_exit_on_second_signal, signals)
+                    serving.cancel_scope.cancel()  # stop accepting; the socket goes
+                # Leaving the actor group stops the monitor, then the session (which saves
+                # resume data, bounded by shutdown_timeout), then persistence (the lock).
+            daemon.cancel_scope.cancel()
     log.info("stopped cleanly")
+
+
+async def _first(signals: AsyncIterator[int]) -> signal.Signals:
+    async for received in signals:
+        return signal.Signals(received)
+    raise RuntimeError("the signal receiver ended")  # pragma: no cover - it never does
+
+
+async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:
+    received = await _first(signals)
+    # Every file dlkeeper writes is replaced atomically, so leaving now corrupts nothing; the
+    # worker sees its stdin close and exits too.
+    log.warning("received %s while stopping: exiting at once", received.name)
+    os._exit(EXIT_INTERRUPTED)
+
+
+async def _pet_watchdog(session: Session) -> None:
+    """WATCHDOG=1 every half $WATCHDOG_USEC, only while healthy: this loop turning is the event
+    loop turning, and the worker must have answered a heartbeat recently."""
+    interval = systemd.watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        with anyio.move_on_after(interval):
+            stats = await session.stats()
+            if stats.heartbeat_age is not None and stats.heartbeat_age < HEALTHY_HEARTBEAT_AGE:
+                systemd.notify("WATCHDOG=1")
+            else:
+                log.warning("not petting the watchdog: the libtorrent worker is not answering")
+        await anyio.sleep(interval)
 
 
 def session_options(config: Config) -> SessionOptions:

@@ -430,6 +430,7 @@ class SessionStatsReply(Message):
     resumed_at_start: int
     resume_failures: int
     worker_pid: int | None
+    heartbeat_age: float | None  # seconds since the worker last answered a ping
 
 
 class DoneReply(Message):

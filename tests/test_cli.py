@@ -33,7 +33,12 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def loopback_config(directory: Path, library: Path, **libtorrent: str | int | bool) -> Path:
     """A config file for a daemon that only ever touches 127.0.0.1."""
     settings = {**LOOPBACK_SETTINGS, **libtorrent}
-    lines = [f'library_path = "{library}"', "", "[libtorrent]"]
+    lines = [
+        f'library_path = "{library}"',
+        f'socket = "{library / "api.sock"}"',
+        "",
+        "[libtorrent]",
+    ]
     lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "dlkeeper.toml"

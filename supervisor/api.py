@@ -1,0 +1,417 @@
+"""The message API's operations (CONTRACT section 2), behind the socket.
+
+Each mutating operation changes the state file first (its `ok` is sent only after the fsync),
+then the libtorrent session, then publishes its event. Bad input is refused with the contract's
+error code before anything changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.atomic import write_file_atomically
+from actors.metainfo import magnet_info_hash, torrent_files, torrent_info_hash, torrent_name
+from actors.persistence import Persistence
+from actors.session import Session, read_small_file
+from actors.state import (
+    ACTIVE_STATUSES,
+    MAX_TORRENT_BYTES,
+    TASK_ID_PATTERN,
+    DownloadRecord,
+    DownloadStatus,
+)
+from supervisor import __version__
+from supervisor.bus import EventBus
+from supervisor.config import Config
+from supervisor.downloads import download_info
+from supervisor.errors import (
+    BadRequest,
+    DlkeeperError,
+    Duplicate,
+    InvalidTorrent,
+    NotFound,
+    NotReady,
+    PathNotAllowed,
+    UnknownOp,
+)
+from supervisor.messages import (
+    AddResult,
+    ApiModel,
+    DownloadAddedEvent,
+    DownloadInfo,
+    DownloadPausedEvent,
+    DownloadRemovedEvent,
+    DownloadResumedEvent,
+    EmptyResult,
+    ListResult,
+    PingResult,
+    RecordChanges,
+    StatsResult,
+    TorrentStatus,
+)
+
+_PEER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
+
+Priority = Annotated[int, Field(ge=0, le=7)]
+TaskIdParam = Annotated[str, Field(pattern=TASK_ID_PATTERN)]
+Metadata = dict[str, Any]
+
+
+class Params(BaseModel):
+    """An operation's parameters: strict types, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class NoParams(Params):
+    pass
+
+
+class TaskParams(Params):
+    task_id: TaskIdParam
+
+
+class AddParams(Params):
+    magnet: str | None = None
+    torrent_b64: str | None = None
+    torrent_path: str | None = None
+    task_id: TaskIdParam | None = None
+    name: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    save_path: str | None = None
+    file_priorities: list[Priority] | None = None
+    paused: bool = False
+    peers: list[str] | None = None
+    torrent_metadata: Metadata | None = None
+    validation_metadata: Metadata | None = None
+
+
+class CancelParams(TaskParams):
+    delete_files: bool = False
+
+
+class SetFilesParams(TaskParams):
+    file_priorities: list[Priority]
+
+
+class ApiService:
+    """Carries out the operations; one instance per daemon."""
+
+    def __init__(
+        self,
+        config: Config,
+        persistence: Persistence,
+        session: Session,
+        bus: EventBus,
+    ) -> None:
+        self._config = config
+        self._persistence = persistence
+        self._session = session
+        self._bus = bus
+        self._started = time.monotonic()
+        # Adds between their checks and their write: two concurrent adds of one torrent (or
+        # of one task_id) must not both pass. Only the check is serialised, not the writes.
+        self._adding_ids: dict[str, str] = {}
+        self._adding_hashes: dict[str, str] = {}
+        self._ops: dict[str, tuple[type[Params], Callable[[Any], Awaitable[ApiModel]]]] = {
+            "ping": (NoParams, self.ping),
+            "add": (AddParams, self.add),
+            "get": (TaskParams, self.get),
+            "list": (NoParams, self.list),
+            "pause": (TaskParams, self.pause),
+            "resume": (TaskParams, self.resume),
+            "cancel": (CancelParams, self.cancel),
+            "set_files": (SetFilesParams, self.set_files),
+            "ack": (TaskParams, self.ack),
+            "stats": (NoParams, self.stats),
+        }
+
+    async def call(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Runs `op` with `params`; the result as JSON-ready data. Raises `DlkeeperError`."""
+        entry = self._ops.get(op)
+        if entry is None:
+            raise UnknownOp(f"unknown op {op!r}")
+        model, handler = entry
+        try:
+            parsed = model.model_validate(params)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or op
+            if first["type"] == "extra_forbidden":
+                raise BadRequest(f"{op} has no parameter {where!r}") from None
+            raise BadRequest(f"{where}: {first['msg']}") from None
+        result = await handler(parsed)
+        return result.model_dump(mode="json")
+
+    # --- operations -----------------------------------------------------------------------------
+
+    async def ping(self, _: NoParams) -> PingResult:
+        return PingResult(version=__version__, ready=True)
+
+    async def add(self, params: AddParams) -> AddResult:
+        source = await self._source(params)
+        task_id = params.task_id or uuid.uuid4().hex[:16]
+        existing = await self._existing(task_id)
+        if existing is not None:
+            if existing.info_hash == source.info_hash:
+                info = await self._info(existing)  # a retried add: the download it made
+                return AddResult(task_id=task_id, info_hash=source.info_hash, status=info.status)
+            raise Duplicate(
+                f"task_id {task_id} is already the torrent {existing.info_hash}", task_id
+            )
+        save_path = self._save_path(params.save_path)
+        priorities = tuple(params.file_priorities or ())
+        if source.files is not None and priorities and len(priorities) != len(source.files):
+            raise BadRequest(
+                f"file_priorities has {len(priorities)} entries; "
+                f"the torrent has {len(source.files)} files"
+            )
+        peers = tuple(params.peers or ())
+        for peer in peers:
+            if not _PEER.match(peer) or not 0 < int(peer.rpartition(":")[2]) < 65536:
+                raise BadRequest(f"peers: {peer!r} is not host:port")
+        await self._reserve(task_id, source.info_hash)
+        try:
+            torrent_path = None
+            if source.torrent is not None:
+                path = self._config.torrents_dir / f"{task_id}.torrent"
+                await anyio.to_thread.run_sync(_keep_torrent, path, source.torrent)
+                torrent_path = str(path)
+            record = DownloadRecord(
+                task_id=task_id,
+                name=params.name or source.name,
+                info_hash=source.info_hash,
+                created_at=datetime.now(UTC),
+                status=DownloadStatus.PAUSED if params.paused else DownloadStatus.QUEUED,
+                magnet_link=source.magnet,
+                torrent_file_path=torrent_path,
+                save_path=str(save_path),
+                file_priorities=priorities,
+                peers=peers,
+                torrent_metadata=params.torrent_metadata or {},
+                validation_metadata=params.validation_metadata or {},
+            )
+            await self._persistence.add(record)
+        finally:
+            self._release(task_id, source.info_hash)
+        await self._start(record)
+        self._bus.publish(lambda seq: DownloadAddedEvent(seq=seq, task_id=task_id))
+        return AddResult(task_id=task_id, info_hash=source.info_hash, status=record.status.value)
+
+    async def get(self, params: TaskParams) -> DownloadInfo:
+        return await self._info(await self._persistence.get(params.task_id))
+
+    async def list(self, _: NoParams) -> ListResult:
+        records = await self._persistence.snapshot()
+        live = await self._live_all()
+        infos = [download_info(r, live.get(r.task_id)) for r in records.values()]
+        infos.sort(key=lambda info: info.created_at)
+        return ListResult(downloads=tuple(infos))
+
+    async def pause(self, params: TaskParams) -> DownloadInfo:
+        record = await self._active(params.task_id, "paused")
+        if record.status is not DownloadStatus.PAUSED:
+            changes = RecordChanges(status=DownloadStatus.PAUSED)
+            record = await self._persistence.update(params.task_id, changes)
+            await self._tell_session(self._session.pause(params.task_id))
+            self._bus.publish(lambda seq: DownloadPausedEvent(seq=seq, task_id=params.task_id))
+        return await self._info(record)
+
+    async def resume(self, params: TaskParams) -> DownloadInfo:
+        record = await self._active(params.task_id, "resumed")
+        if record.status is DownloadStatus.PAUSED:
+            changes = RecordChanges(status=DownloadStatus.QUEUED)
+            record = await self._persistence.update(params.task_id, changes)
+            await self._tell_session(self._session.resume(params.task_id))
+            self._bus.publish(lambda seq: DownloadResumedEvent(seq=seq, task_id=params.task_id))
+        return await self._info(record)
+
+    async def cancel(self, params: CancelParams) -> EmptyResult:
+        await self._persistence.remove(params.task_id)
+        await self._tell_session(
+            self._session.stop(params.task_id, delete_files=params.delete_files)
+        )
+        self._bus.publish(lambda seq: DownloadRemovedEvent(seq=seq, task_id=params.task_id))
+        return EmptyResult()
+
+    async def set_files(self, params: SetFilesParams) -> DownloadInfo:
+        record = await self._active(params.task_id, "changed")
+        info = await self._info(record)
+        priorities = tuple(params.file_priorities)
+        if info.files and len(priorities) != len(info.files):
+            raise BadRequest(
+                f"file_priorities has {len(priorities)} entries; "
+                f"the torrent has {len(info.files)} files"
+            )
+        record = await self._persistence.update(
+            params.task_id, RecordChanges(file_priorities=priorities)
+        )
+        await self._tell_session(self._session.set_files(params.task_id, priorities))
+        return await self._info(record)
+
+    async def ack(self, params: TaskParams) -> EmptyResult:
+        await self._persistence.ack(params.task_id)
+        await self._tell_session(self._session.stop(params.task_id))
+        return EmptyResult()
+
+    async def stats(self, _: NoParams) -> StatsResult:
+        records = await self._persistence.snapshot()
+        session = await self._session.stats()
+        counts = Counter(record.status.value for record in records.values())
+        return StatsResult(
+            downloads=dict(counts),
+            resumed_at_start=session.resumed_at_start,
+            resume_failures=session.resume_failures,
+            worker_restarts=session.worker_restarts,
+            uptime=round(time.monotonic() - self._started, 3),
+        )
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    async def _source(self, params: AddParams) -> _Source:
+        given = [
+            name for name in ("magnet", "torrent_b64", "torrent_path") if getattr(params, name)
+        ]
+        if len(given) != 1:
+            raise BadRequest("add needs exactly one of magnet, torrent_b64 and torrent_path")
+        if params.magnet is not None:
+            info_hash = magnet_info_hash(params.magnet)
+            names = parse_qs(urlsplit(params.magnet).query).get("dn", [])
+            return _Source(info_hash, None, params.magnet, names[0] if names else info_hash, None)
+        if params.torrent_b64 is not None:
+            try:
+                data = base64.b64decode(params.torrent_b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest("torrent_b64 is not base64") from None
+        else:
+            assert params.torrent_path is not None
+            data = await anyio.to_thread.run_sync(_read_torrent_path, params.torrent_path)
+        info_hash = torrent_info_hash(data)
+        return _Source(info_hash, data, None, torrent_name(data) or info_hash, torrent_files(data))
+
+    async def _existing(self, task_id: str) -> DownloadRecord | None:
+        try:
+            return await self._persistence.get(task_id)
+        except NotFound:
+            return None
+
+    async def _reserve(self, task_id: str, info_hash: str) -> None:
+        """Claims the task_id and the torrent for this add, or raises `Duplicate`."""
+        if task_id in self._adding_ids:
+            raise Duplicate(f"task_id {task_id} is being added right now", task_id)
+        if info_hash in self._adding_hashes:
+            adding = self._adding_hashes[info_hash]
+            raise Duplicate(f"the torrent {info_hash} is being added as {adding}", adding)
+        self._adding_ids[task_id] = info_hash
+        self._adding_hashes[info_hash] = task_id
+        records = await self._persistence.snapshot()  # claimed first: no await in a gap
+        owner: str | None = task_id if task_id in records else None
+        owner = owner or next(
+            (r.task_id for r in records.values() if r.info_hash == info_hash), None
+        )
+        if owner is not None:
+            self._release(task_id, info_hash)
+            raise Duplicate(f"the torrent {info_hash} is already the download {owner}", owner)
+
+    def _release(self, task_id: str, info_hash: str) -> None:
+        self._adding_ids.pop(task_id, None)
+        self._adding_hashes.pop(info_hash, None)
+
+    def _save_path(self, requested: str | None) -> Path:
+        root = self._config.download_path.resolve()
+        if requested is None:
+            return root
+        path = Path(requested)
+        if not path.is_absolute():
+            path = root / path
+        resolved = path.resolve()  # symlinks too: a link out of download_path is refused
+        if resolved != root and root not in resolved.parents:
+            raise PathNotAllowed(f"save_path {requested} is not inside {root}")
+        return resolved
+
+    async def _start(self, record: DownloadRecord) -> None:
+        try:
+            await self._session.start(record)
+        except NotReady:
+            pass  # saved: the replay into the next worker adds it
+        except DlkeeperError:
+            # libtorrent refused what our own checks let through: undo the add.
+            await self._persistence.remove(record.task_id)
+            raise
+
+    async def _tell_session(self, change: Awaitable[None]) -> None:
+        """Applies a saved change to libtorrent; when the worker is restarting, the replay
+        applies it instead (it reads the saved state)."""
+        with contextlib.suppress(NotReady, NotFound):
+            await change
+
+    async def _active(self, task_id: str, verb: str) -> DownloadRecord:
+        record = await self._persistence.get(task_id)
+        if record.status not in ACTIVE_STATUSES:
+            raise BadRequest(f"download {task_id} is {record.status}; it cannot be {verb}")
+        return record
+
+    async def _info(self, record: DownloadRecord) -> DownloadInfo:
+        live: TorrentStatus | None = None
+        if record.status in ACTIVE_STATUSES:
+            try:
+                (live,) = await self._session.status(record.task_id)
+            except (NotReady, NotFound):
+                live = None
+        return download_info(record, live)
+
+    async def _live_all(self) -> dict[str, TorrentStatus]:
+        try:
+            return {status.task_id: status for status in await self._session.status()}
+        except NotReady:
+            return {}
+
+
+class _Source:
+    __slots__ = ("files", "info_hash", "magnet", "name", "torrent")
+
+    def __init__(
+        self,
+        info_hash: str,
+        torrent: bytes | None,
+        magnet: str | None,
+        name: str,
+        files: list[tuple[str, int]] | None,
+    ) -> None:
+        self.info_hash = info_hash
+        self.torrent = torrent
+        self.magnet = magnet
+        self.name = name
+        self.files = files
+
+
+def _read_torrent_path(name: str) -> bytes:
+    path = Path(name)
+    if not path.is_absolute():
+        raise BadRequest(f"torrent_path {name} is not an absolute path")
+    try:
+        return read_small_file(path, MAX_TORRENT_BYTES)
+    except FileNotFoundError:
+        raise BadRequest(f"torrent_path {name} does not exist") from None
+    except OSError as exc:
+        raise BadRequest(f"torrent_path {name} cannot be read: {exc.strerror}") from None
+    except DlkeeperError as exc:
+        raise InvalidTorrent(str(exc)) from None
+
+
+def _keep_torrent(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(path, data)

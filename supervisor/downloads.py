@@ -1,0 +1,122 @@
+"""How a download looks to the bot: DownloadInfo and the durable events, from a saved record,
+libtorrent's live status when there is one, and the kept .torrent when there is not."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from actors.metainfo import torrent_files
+from actors.state import MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
+from supervisor.errors import DlkeeperError
+from supervisor.messages import (
+    DownloadCompletedEvent,
+    DownloadFailedEvent,
+    DownloadInfo,
+    FileInfo,
+    LiveStatus,
+    TorrentStatus,
+)
+
+DEFAULT_PRIORITY = 4  # libtorrent's
+
+_LIVE_STATES: dict[str, LiveStatus] = {
+    "checking_files": "checking",
+    "checking_resume_data": "checking",
+    "queued_for_checking": "checking",
+    "allocating": "checking",
+    "downloading_metadata": "fetching_metadata",
+    "downloading": "downloading",
+    "finished": "completed",
+    "seeding": "completed",
+}
+
+
+def live_status(record: DownloadRecord, live: TorrentStatus | None) -> LiveStatus:
+    """The contract's status: the saved one for paused and finished downloads, else libtorrent's
+    (a download that libtorrent's queue holds back is `queued`)."""
+    if record.status in (DownloadStatus.COMPLETED, DownloadStatus.FAILED, DownloadStatus.PAUSED):
+        return record.status.value  # type: ignore[return-value]
+    if live is None:
+        return record.status.value  # type: ignore[return-value]
+    if live.error:
+        return "failed"
+    if live.paused and live.auto_managed and not live.finished:
+        return "queued"
+    return _LIVE_STATES.get(live.state, "downloading")
+
+
+def kept_files(record: DownloadRecord) -> tuple[FileInfo, ...]:
+    """The files listed by the download's .torrent copy, with its saved priorities; empty when
+    there is no readable copy (a magnet still fetching its metadata)."""
+    if not record.torrent_file_path:
+        return ()
+    path = Path(record.torrent_file_path)
+    with contextlib.suppress(OSError, DlkeeperError):
+        if path.stat().st_size <= MAX_TORRENT_BYTES:
+            files = torrent_files(path.read_bytes())
+            priorities = record.file_priorities
+            return tuple(
+                FileInfo(
+                    path=name,
+                    size=size,
+                    priority=priorities[index] if index < len(priorities) else DEFAULT_PRIORITY,
+                )
+                for index, (name, size) in enumerate(files)
+            )
+    return ()
+
+
+def download_info(record: DownloadRecord, live: TorrentStatus | None) -> DownloadInfo:
+    """The DownloadInfo of a saved download, with libtorrent's live status if it has one."""
+    if live is not None and live.has_metadata:
+        files = tuple(FileInfo(path=f.path, size=f.size, priority=f.priority) for f in live.files)
+    else:
+        files = kept_files(record)
+    finished = record.status is DownloadStatus.COMPLETED
+    total = live.total_bytes if live is not None else sum(f.size for f in files if f.priority)
+    return DownloadInfo(
+        task_id=record.task_id,
+        name=record.name or (live.name if live is not None else ""),
+        info_hash=record.info_hash or (live.info_hash if live is not None else None),
+        status=live_status(record, live),
+        progress=1.0 if finished else (live.progress if live is not None else record.progress),
+        total_bytes=total,
+        downloaded_bytes=(
+            live.downloaded_bytes if live is not None else (total if finished else 0)
+        ),
+        download_rate=live.download_rate if live is not None else 0,
+        upload_rate=live.upload_rate if live is not None else 0,
+        num_peers=live.num_peers if live is not None else 0,
+        save_path=record.save_path,
+        created_at=record.created_at,
+        completed_at=record.completed_at,
+        error=record.error,
+        files=files,
+    )
+
+
+def completed_event(record: DownloadRecord, seq: int) -> DownloadCompletedEvent:
+    assert record.completed_at is not None, "a completed download has its completion time"
+    return DownloadCompletedEvent(
+        seq=seq,
+        task_id=record.task_id,
+        name=record.name,
+        info_hash=record.info_hash,
+        save_path=record.save_path,
+        files=kept_files(record),
+        torrent_metadata=record.torrent_metadata,
+        validation_metadata=record.validation_metadata,
+        completed_at=record.completed_at,
+    )
+
+
+def failed_event(record: DownloadRecord, seq: int) -> DownloadFailedEvent:
+    return DownloadFailedEvent(
+        seq=seq,
+        task_id=record.task_id,
+        name=record.name,
+        error=record.error or "unknown error",
+        torrent_metadata=record.torrent_metadata,
+        validation_metadata=record.validation_metadata,
+    )

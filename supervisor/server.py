@@ -1,0 +1,303 @@
+"""The message API's Unix socket: JSON lines in, replies and events out (CONTRACT section 2).
+
+Every request runs in its own task, so many may be in flight on one connection and a slow one
+never holds up the others; replies go out in the order they are ready. A line over 8 MiB is
+answered `too_large` and the connection closed, having read no more than 8 MiB of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from actors.persistence import Persistence
+from actors.session import Session
+from actors.state import DownloadStatus
+from supervisor.api import ApiService
+from supervisor.bus import EventBus, Subscription
+from supervisor.downloads import completed_event, failed_event
+from supervisor.errors import BadRequest, ConfigError, DlkeeperError, Duplicate, TooLarge
+from supervisor.messages import (
+    ApiModel,
+    DownloadCompletedEvent,
+    DownloadFailedEvent,
+    DownloadProgressEvent,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 8 * 1024 * 1024
+SOCKET_MODE = 0o660
+# Replies still being worked on when a client closes its side get this long to go out.
+DRAIN_TIMEOUT = 5.0
+
+
+def open_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0660 from the moment it exists.
+
+    A stale socket file is replaced; the caller holds the state lock, so no other daemon of
+    this library can be using it. Anything else at `path` is refused.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError("socket", f"{path} exists and is not a socket")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask makes bind() create the file without world (or execute) bits: no window
+    # between bind and chmod in which anyone else could connect.
+    previous = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("socket", f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(previous)
+    path.chmod(SOCKET_MODE)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class ApiServer:
+    """Accepts connections and serves each until it closes."""
+
+    def __init__(
+        self,
+        service: ApiService,
+        bus: EventBus,
+        persistence: Persistence,
+        session: Session,
+    ) -> None:
+        self._service = service
+        self._bus = bus
+        self._persistence = persistence
+        self._session = session
+
+    async def serve(self, path: Path, *, task_status: TaskStatus[None]) -> None:
+        """Listens at `path` (started once listening) until cancelled; removes the socket."""
+        listener = await SocketListener.from_socket(open_socket(path))
+        try:
+            task_status.started()
+            await listener.serve(self._connection)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+                with contextlib.suppress(FileNotFoundError):
+                    await anyio.Path(path).unlink()
+
+    async def _connection(self, stream: SocketStream) -> None:
+        connection = _Connection(stream)
+        async with stream, anyio.create_task_group() as tasks:
+            connection.tasks = tasks
+            await self._read_requests(connection)
+            # The client closed its side: replies in progress still go out, then we hang up.
+            with anyio.move_on_after(DRAIN_TIMEOUT):
+                await connection.requests_done()
+            tasks.cancel_scope.cancel()
+
+    async def _read_requests(self, connection: _Connection) -> None:
+        lines = BufferedByteReceiveStream(connection.stream)
+        while True:
+            try:
+                line = await lines.receive_until(b"\n", MAX_LINE_BYTES)
+            except anyio.DelimiterNotFound:
+                error = TooLarge(f"a request line is longer than {MAX_LINE_BYTES} bytes")
+                await connection.send(_error_reply(None, error))
+                return
+            except (
+                anyio.IncompleteRead,
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+            ):
+                return
+            if line.strip():
+                connection.spawn_request(self._request, line)
+
+    async def _request(self, connection: _Connection, line: bytes) -> None:
+        request_id: Any = None
+        try:
+            request = _parse(line)
+            request_id = _request_id(request)
+            op = _op(request)
+            if op == "subscribe":
+                self._subscribe(connection, request)
+                await connection.send({"id": request_id, "ok": True, "result": {}})
+                connection.subscribed.set()  # its events may go out now
+                return
+            result = await self._service.call(op, request)
+            await connection.send({"id": request_id, "ok": True, "result": result})
+        except DlkeeperError as error:
+            await connection.send(_error_reply(request_id, error))
+        except Exception as error:  # the daemon answers, whatever went wrong
+            log.exception("request failed")
+            await connection.send(_error_reply(request_id, error))
+
+    def _subscribe(self, connection: _Connection, params: dict[str, Any]) -> None:
+        """Registers the connection's subscription; its events start after the `ok`."""
+        interval = params.pop("progress_interval", None)
+        if params:
+            raise BadRequest(f"subscribe has no parameter {sorted(params)[0]!r}")
+        if interval is not None and (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not 0.05 <= interval <= 86400
+        ):
+            raise BadRequest("progress_interval: a number of seconds from 0.05 to 86400")
+        if connection.subscription is not None:
+            raise BadRequest("this connection is already subscribed")
+        subscription = self._bus.subscribe()  # now, so that no live event falls in a gap
+        connection.subscription = subscription
+        connection.tasks.start_soon(self._stream, connection, subscription, interval)
+
+    async def _stream(
+        self, connection: _Connection, subscription: Subscription, interval: float | None
+    ) -> None:
+        await connection.subscribed.wait()  # the `ok` goes out before the first event
+        try:
+            async with anyio.create_task_group() as tasks:
+                if interval is not None:
+                    tasks.start_soon(self._send_progress, connection, float(interval))
+                await self._send_events(connection, subscription)
+                tasks.cancel_scope.cancel()
+        finally:
+            self._bus.unsubscribe(subscription)
+
+    async def _send_events(self, connection: _Connection, subscription: Subscription) -> None:
+        # Every unacknowledged completion and failure first, then live events.
+        backlog: set[str] = set()
+        records = await self._persistence.snapshot()
+        for record in sorted(records.values(), key=lambda r: r.created_at):
+            if record.status is DownloadStatus.COMPLETED:
+                await connection.send(_event(completed_event(record, self._bus.next_seq())))
+            elif record.status is DownloadStatus.FAILED:
+                await connection.send(_event(failed_event(record, self._bus.next_seq())))
+            else:
+                continue
+            backlog.add(record.task_id)
+        async for event in subscription.events:
+            if (
+                isinstance(event, DownloadCompletedEvent | DownloadFailedEvent)
+                and event.task_id in backlog
+            ):
+                continue  # sent already, from the state file
+            await connection.send(_event(event))
+        if subscription.overflowed:
+            log.warning("closing a connection whose subscriber fell behind")
+            await connection.close()
+
+    async def _send_progress(self, connection: _Connection, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            with contextlib.suppress(DlkeeperError):
+                for status in await self._session.status():
+                    if status.finished or status.paused:
+                        continue
+                    event = DownloadProgressEvent(
+                        seq=self._bus.next_seq(),
+                        task_id=status.task_id,
+                        progress=status.progress,
+                        download_rate=status.download_rate,
+                        num_peers=status.num_peers,
+                    )
+                    await connection.send(_event(event))
+
+
+class _Connection:
+    """One client: its stream, a lock so lines never interleave, its requests in progress."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.stream = stream
+        self.tasks: TaskGroup
+        self.subscription: Subscription | None = None
+        self.subscribed = anyio.Event()
+        self._in_progress = 0
+        self._done = anyio.Event()
+        self._send_lock = anyio.Lock()
+
+    def spawn_request(
+        self, handle: Callable[[_Connection, bytes], Awaitable[None]], line: bytes
+    ) -> None:
+        self._in_progress += 1
+        self.tasks.start_soon(self._run_request, handle, line)
+
+    async def _run_request(
+        self, handle: Callable[[_Connection, bytes], Awaitable[None]], line: bytes
+    ) -> None:
+        try:
+            await handle(self, line)
+        finally:
+            self._in_progress -= 1
+            if self._in_progress == 0:
+                self._done.set()
+                self._done = anyio.Event()
+
+    async def requests_done(self) -> None:
+        if self._in_progress:
+            await self._done.wait()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = orjson.dumps(message) + b"\n"
+        try:
+            async with self._send_lock:
+                await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # the client is gone; its tasks end with the connection
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stream.aclose()
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        request = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the line is not JSON") from None
+    if not isinstance(request, dict):
+        raise BadRequest("a request is a JSON object")
+    return request
+
+
+def _op(request: dict[str, Any]) -> str:
+    op = request.pop("op", None)
+    if not isinstance(op, str):
+        raise BadRequest("a request needs an op (a string)")
+    return op
+
+
+def _request_id(request: dict[str, Any]) -> int | str | None:
+    request_id = request.pop("id", None)
+    if request_id is None or (
+        isinstance(request_id, int | str) and not isinstance(request_id, bool)
+    ):
+        return request_id
+    raise BadRequest("id must be an integer or a string")
+
+
+def _error_reply(request_id: Any, error: BaseException) -> dict[str, Any]:
+    if isinstance(error, DlkeeperError):
+        body: dict[str, Any] = {"code": error.code, "message": str(error)}
+        if isinstance(error, Duplicate):
+            body["task_id"] = error.task_id
+    else:
+        body = {"code": "internal", "message": f"internal error: {type(error).__name__}"}
+    return {"id": request_id, "ok": False, "error": body}
+
+
+def _event(event: ApiModel) -> dict[str, Any]:
+    return event.model_dump(mode="json")
