@@ -26,6 +26,8 @@ from supervisor.messages import (
     DownloadErrored,
     DownloadFinished,
     DownloadMetadataKept,
+    DownloadProgressKept,
+    DownloadStateChanged,
     RecordChanges,
     SessionEvent,
     WorkerRestarted,
@@ -97,5 +99,16 @@ class MonitorActor(Actor[None]):
             if not record.name and event.name:
                 changes = RecordChanges(torrent_file_path=event.torrent_path, name=event.name)
             await self._persistence.update(event.task_id, changes)
+        elif isinstance(event, DownloadProgressKept):
+            # Saved with the resume data, so that `list` after a restart shows it at once.
+            record = await self._persistence.get(event.task_id)
+            if record.status in ACTIVE_STATUSES and record.progress != event.progress:
+                progress = min(max(event.progress, 0.0), 1.0)
+                await self._persistence.update(event.task_id, RecordChanges(progress=progress))
+        elif isinstance(event, DownloadStateChanged) and event.state == "downloading":
+            record = await self._persistence.get(event.task_id)
+            if record.status is DownloadStatus.QUEUED:  # libtorrent's queue let it start
+                changes = RecordChanges(status=DownloadStatus.DOWNLOADING)
+                await self._persistence.update(event.task_id, changes)
         elif isinstance(event, WorkerRestarted):
             log.warning("libtorrent worker restarted (%d so far): %s", event.restarts, event.reason)

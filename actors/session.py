@@ -61,6 +61,7 @@ from supervisor.messages import (
     DownloadErrored,
     DownloadFinished,
     DownloadMetadataKept,
+    DownloadProgressKept,
     DownloadStateChanged,
     GetDownloadStatus,
     GetSessionStats,
@@ -559,6 +560,9 @@ class SessionActor(Actor[SessionCommand]):
                 path = self._options.resume_path(event.task_id)
                 data = _unb64(event.resume_b64)
                 await anyio.to_thread.run_sync(write_file_atomically, path, data)
+                await self._publish.send(
+                    DownloadProgressKept(task_id=event.task_id, progress=event.progress)
+                )
         elif isinstance(event, MetadataReceived):
             if event.task_id in self._forgotten:
                 return

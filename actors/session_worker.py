@@ -146,7 +146,7 @@ class _Torrent:
     # after them has completed: flushes requested, flushes completed (they complete in order).
     flushes_requested: int = 0
     flushes_completed: int = 0
-    held_resume: list[tuple[int, bytes]] = field(default_factory=list)
+    held_resume: list[tuple[int, bytes, float]] = field(default_factory=list)
     finish_held_until: int | None = None
     held_since: float = 0.0
 
@@ -484,7 +484,8 @@ class SessionWorker:
             self.release_held(torrent)
         elif isinstance(alert, lt.save_resume_data_alert):
             data = lt.write_resume_data_buf(alert.params)
-            torrent.held_resume.append((torrent.request_flush(), data))
+            progress = torrent.handle.status(0).progress
+            torrent.held_resume.append((torrent.request_flush(), data, progress))
             self.release_held(torrent)
         elif isinstance(alert, lt.cache_flushed_alert):
             torrent.flushes_completed += 1
@@ -555,8 +556,10 @@ class SessionWorker:
         """Sends what waited for the disk: resume data, then the finish (files now complete)."""
         done = torrent.flushes_completed
         while torrent.held_resume and torrent.held_resume[0][0] <= done:
-            _, data = torrent.held_resume.pop(0)
-            self.send(ResumeDataSaved(task_id=torrent.task_id, resume_b64=_b64(data)))
+            _, data, progress = torrent.held_resume.pop(0)
+            self.send(
+                ResumeDataSaved(task_id=torrent.task_id, resume_b64=_b64(data), progress=progress)
+            )
             self.resume_saved(torrent.task_id, saved=True)
         if torrent.finish_held_until is not None and torrent.finish_held_until <= done:
             torrent.finish_held_until = None

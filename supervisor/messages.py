@@ -322,6 +322,7 @@ class ResumeDataSaved(Message):
     kind: Literal["resume_data_saved"] = "resume_data_saved"
     task_id: TaskId
     resume_b64: str
+    progress: float  # of the download, when the resume data was taken
 
 
 WorkerOutput = Annotated[
@@ -472,6 +473,14 @@ class DownloadStateChanged(Message):
     previous: str
 
 
+class DownloadProgressKept(Message):
+    """New fast-resume data is on disk; `progress` is what it holds, for the state file."""
+
+    kind: Literal["download_progress_kept"] = "download_progress_kept"
+    task_id: TaskId
+    progress: float
+
+
 class WorkerRestarted(Message):
     """The worker died or hung and a new one is up; its downloads are replayed into it next."""
 
@@ -485,6 +494,7 @@ SessionEvent = (
     | DownloadFinished
     | DownloadErrored
     | DownloadStateChanged
+    | DownloadProgressKept
     | WorkerRestarted
 )
 

@@ -78,3 +78,24 @@ async def test_magnet_download_records_its_kept_torrent(
         assert record.torrent_file_path == str(library.torrents_dir / "m1.torrent")
         assert Path(record.torrent_file_path).read_bytes()
         await running.wait_record("m1", lambda r: r.status is DownloadStatus.COMPLETED)
+
+
+async def test_progress_is_saved_with_each_resume_save(library: Library, tmp_path: Path) -> None:
+    slow = make_payload(tmp_path / "slow", "Slow", {"big.bin": 6 * 1024 * 1024})
+    with seeding(slow, upload_rate_limit=1536 * 1024) as seeder:
+        async with running_session(library, monitor=True, resume_save_interval=0.3) as running:
+            await running.add(library.record("p1", slow, peers=(seeder.peer,)))
+            saved = await running.wait_record("p1", lambda r: 0.1 < r.progress < 1.0)
+            (live,) = await running.session.status("p1")
+    # The saved progress trails the live one by at most about one interval.
+    assert saved.status is DownloadStatus.DOWNLOADING
+    assert saved.progress <= live.progress
+
+
+async def test_a_queued_download_is_saved_as_downloading_once_it_starts(
+    library: Library, payload: Payload, seeder: Seeder
+) -> None:
+    async with running_session(library, monitor=True) as running:
+        record = library.record("q1", payload, peers=(seeder.peer,))
+        await running.add(record.model_copy(update={"status": DownloadStatus.QUEUED}))
+        await running.wait_record("q1", lambda r: r.status is not DownloadStatus.QUEUED)
