@@ -112,11 +112,11 @@ class ApiServer:
         lines = BufferedByteReceiveStream(connection.stream)
         while True:
             try:
-                line = await lines.receive_until(b"\n", MAX_LINE_BYTES)
+                # One byte over the limit, so that a line of exactly MAX_LINE_BYTES whose
+                # newline comes in a later read is still whole.
+                line: bytes | None = await lines.receive_until(b"\n", MAX_LINE_BYTES + 1)
             except anyio.DelimiterNotFound:
-                error = TooLarge(f"a request line is longer than {MAX_LINE_BYTES} bytes")
-                await connection.send(_error_reply(None, error))
-                return
+                line = None
             except (
                 anyio.IncompleteRead,
                 anyio.EndOfStream,
