@@ -125,8 +125,12 @@ class ApiServer:
                 OSError,
             ):
                 return
-            if line.strip():
-                connection.spawn_request(self._request, line)
+            # receive_until also returns a line that grew past the limit in its last read.
+            if line is None or len(line) > MAX_LINE_BYTES:
+                error = TooLarge(f"a request line is longer than {MAX_LINE_BYTES} bytes")
+                await connection.send(_error_reply(None, error))
+                return
+            connection.spawn_request(self._request, line)  # an empty line is bad_request too
 
     async def _request(self, connection: _Connection, line: bytes) -> None:
         request_id: Any = None
