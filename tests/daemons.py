@@ -85,6 +85,10 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while notice not in self.notices:
             remaining = deadline - time.monotonic()
+            if self.process.poll() is not None:
+                self._drain_notices()  # it may have said so just before it exited
+                if notice in self.notices:
+                    return
             if remaining <= 0 or self.process.poll() is not None:
                 raise AssertionError(
                     f"no {notice} from the daemon (exit {self.process.poll()}); "
@@ -95,6 +99,16 @@ class Daemon:
                 self.notices.append(self.notify.recv(4096).decode())
             except TimeoutError:
                 continue
+
+    def _drain_notices(self) -> None:
+        self.notify.setblocking(False)
+        try:
+            while True:
+                self.notices.append(self.notify.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self.notify.setblocking(True)
 
     def wait_ready(self) -> Daemon:
         self.wait_for_notice("READY=1")

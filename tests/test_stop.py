@@ -1,0 +1,72 @@
+"""Stopping the daemon: a clean stop, and a second signal while stopping."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import DEADLINE, Daemon, running_daemon, write_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the daemon's libtorrent worker)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat_file.parent.name))
+    return found
+
+
+def test_clean_stop_exits_0_removes_the_socket_and_keeps_the_state(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "etc", tmp_path / "library")
+    with running_daemon(config) as daemon:
+        with daemon.client() as client:
+            client.call("add", magnet="magnet:?xt=urn:btih:" + "12" * 20, task_id="kept")
+        (worker,) = children(daemon.process.pid)
+        assert daemon.stop() == 0
+        daemon.wait_for_notice("STOPPING=1")
+        assert not daemon.socket.exists()
+        deadline = time.monotonic() + DEADLINE
+        while Path(f"/proc/{worker}").exists():  # the worker exits with the daemon
+            assert time.monotonic() < deadline, "the worker outlived the daemon"
+            time.sleep(0.05)
+    state = json.loads((tmp_path / "library" / "data" / "downloads.json").read_bytes())
+    assert list(state["downloads"]) == ["kept"]
+
+
+def test_a_second_sigterm_while_stopping_exits_at_once_and_corrupts_nothing(
+    tmp_path: Path,
+) -> None:
+    # A worker that hangs makes the stop wait for its resume data (up to shutdown_timeout).
+    config = write_config(tmp_path / "etc", tmp_path / "library", shutdown_timeout=30)
+    daemon = Daemon(config)
+    worker = 0
+    try:
+        daemon.wait_ready()
+        with daemon.client() as client:
+            client.call("add", magnet="magnet:?xt=urn:btih:" + "34" * 20, task_id="safe")
+        (worker,) = children(daemon.process.pid)
+        os.kill(worker, signal.SIGSTOP)
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.wait_for_notice("STOPPING=1")
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(DEADLINE) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 5
+    finally:
+        daemon.close()
+        if worker:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+    state = json.loads((tmp_path / "library" / "data" / "downloads.json").read_bytes())
+    assert list(state["downloads"]) == ["safe"]
