@@ -1,8 +1,5 @@
 """dlkeeper's supervisor process: config, boot order, actor kit, messages and the CLIs."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("dlkeeper")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+# The one place the version is written; pyproject.toml reads it from here. (Asking
+# importlib.metadata at import cost 25 ms in each of the daemon's two processes.)
+__version__ = "0.1.0"
