@@ -11,15 +11,23 @@ is doing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from actors.state import FINISHED_STATUSES, DownloadRecord
+from actors.state import FINISHED_STATUSES, DownloadRecord, DownloadStatus
 from actors.statefile import LoadReport, StateStore
-from supervisor.errors import BadRequest, DlkeeperError, Duplicate, NotFound, StateWriteFailed
+from supervisor.errors import (
+    BadRequest,
+    DlkeeperError,
+    Duplicate,
+    NotFound,
+    StaleChange,
+    StateWriteFailed,
+)
 from supervisor.mailbox import Actor, ActorRef, Envelope, Reply, expect
 from supervisor.messages import (
     AckRecord,
@@ -58,6 +66,8 @@ def apply_mutation(downloads: dict[str, DownloadRecord], mutation: StateMutation
     if current is None:
         raise NotFound(mutation.task_id)
     if isinstance(mutation, UpdateRecord):
+        if mutation.if_status is not None and current.status not in mutation.if_status:
+            raise StaleChange(current.task_id, current.status)
         updated = current.model_copy(update=mutation.changes.changed())
         downloads[mutation.task_id] = updated
         return updated
@@ -232,9 +242,21 @@ class Persistence:
         """Saves a new download; returns once it is on disk."""
         return await self._record(AddRecord(record=record))
 
-    async def update(self, task_id: str, changes: RecordChanges) -> DownloadRecord:
-        """Changes fields of a download; returns the saved record once it is on disk."""
-        return await self._record(UpdateRecord(task_id=task_id, changes=changes))
+    async def update(
+        self,
+        task_id: str,
+        changes: RecordChanges,
+        *,
+        if_status: Collection[DownloadStatus] | None = None,
+    ) -> DownloadRecord:
+        """Changes fields of a download; returns the saved record once it is on disk.
+
+        With `if_status`, only while the download's status is one of those (a check and a
+        change in one step: nothing else can change it between the two); else `StaleChange`.
+        """
+        condition = frozenset(if_status) if if_status is not None else None
+        command = UpdateRecord(task_id=task_id, changes=changes, if_status=condition)
+        return await self._record(command)
 
     async def remove(self, task_id: str) -> DownloadRecord:
         """Forgets a download; returns the record it was, once that is on disk."""

@@ -271,15 +271,18 @@ class SessionWorker:
         params = self.add_params(request)
         params.save_path = request.save_path
         if request.file_priorities and params.ti is not None:
-            params.file_priorities = libtorrent_priorities(params.ti, request.file_priorities)
+            try:
+                params.file_priorities = libtorrent_priorities(params.ti, request.file_priorities)
+            except BadRequest as exc:  # as when a magnet's metadata arrives: never a lost download
+                log.warning("%s: %s; downloading every file", request.task_id, exc)
         for peer in request.peers:
             try:
                 params.peers = [*params.peers, parse_peer(peer)]
             except (BadRequest, TypeError, ValueError) as exc:  # libtorrent takes addresses only
                 log.warning("%s: peer %s skipped: %s", request.task_id, peer, exc)
-        # A running download is added paused and auto-managed, and libtorrent's queue starts it:
-        # one started directly in a session's first half second (before its first tick) loses
-        # its first peer connections for a minute. A paused one stays paused until resumed.
+        # A running download goes to libtorrent's queue (paused and auto-managed): the queue
+        # starts it at its next tick and keeps at most active_downloads running at once. A
+        # paused one is taken out of the queue and stays paused until resumed.
         flags = params.flags | lt.torrent_flags.duplicate_is_error | lt.torrent_flags.paused
         if request.paused:
             flags &= ~lt.torrent_flags.auto_managed

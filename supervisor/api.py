@@ -122,6 +122,7 @@ class ApiService:
         self._session = session
         self._bus = bus
         self._started = time.monotonic()
+        self._download_root = config.download_path.resolve()  # resolved once, not per add
         # Adds between their checks and their write: two concurrent adds of one torrent (or
         # of one task_id) must not both pass. Only the check is serialised, not the writes.
         self._adding_ids: dict[str, str] = {}
@@ -225,7 +226,9 @@ class ApiService:
         record = await self._active(params.task_id, "paused")
         if record.status is not DownloadStatus.PAUSED:
             changes = RecordChanges(status=DownloadStatus.PAUSED)
-            record = await self._persistence.update(params.task_id, changes)
+            record = await self._persistence.update(
+                params.task_id, changes, if_status=ACTIVE_STATUSES
+            )
             await self._tell_session(self._session.pause(params.task_id))
             self._bus.publish(lambda seq: DownloadPausedEvent(seq=seq, task_id=params.task_id))
         return await self._info(record)
@@ -234,7 +237,9 @@ class ApiService:
         record = await self._active(params.task_id, "resumed")
         if record.status is DownloadStatus.PAUSED:
             changes = RecordChanges(status=DownloadStatus.QUEUED)
-            record = await self._persistence.update(params.task_id, changes)
+            record = await self._persistence.update(
+                params.task_id, changes, if_status={DownloadStatus.PAUSED}
+            )
             await self._tell_session(self._session.resume(params.task_id))
             self._bus.publish(lambda seq: DownloadResumedEvent(seq=seq, task_id=params.task_id))
         return await self._info(record)
@@ -299,8 +304,8 @@ class ApiService:
         else:
             assert params.torrent_path is not None
             data = await anyio.to_thread.run_sync(_read_torrent_path, params.torrent_path)
-        info_hash = torrent_info_hash(data)
-        return _Source(info_hash, data, None, torrent_name(data) or info_hash, torrent_files(data))
+        # Decoding a .torrent of many files takes seconds of pure Python: not on the event loop.
+        return await anyio.to_thread.run_sync(_torrent_source, data)
 
     async def _existing(self, task_id: str) -> DownloadRecord | None:
         try:
@@ -331,7 +336,7 @@ class ApiService:
         self._adding_hashes.pop(info_hash, None)
 
     def _save_path(self, requested: str | None) -> Path:
-        root = self._config.download_path.resolve()
+        root = self._download_root
         if requested is None:
             return root
         path = Path(requested)
@@ -410,6 +415,11 @@ def _read_torrent_path(name: str) -> bytes:
         raise BadRequest(f"torrent_path {name} cannot be read: {exc.strerror}") from None
     except DlkeeperError as exc:
         raise InvalidTorrent(str(exc)) from None
+
+
+def _torrent_source(data: bytes) -> _Source:
+    info_hash = torrent_info_hash(data)
+    return _Source(info_hash, data, None, torrent_name(data) or info_hash, torrent_files(data))
 
 
 def _keep_torrent(path: Path, data: bytes) -> None:

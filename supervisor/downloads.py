@@ -27,8 +27,10 @@ _LIVE_STATES: dict[str, LiveStatus] = {
     "allocating": "checking",
     "downloading_metadata": "fetching_metadata",
     "downloading": "downloading",
-    "finished": "completed",
-    "seeding": "completed",
+    # `completed` comes from the saved status only: until the monitor has saved the completion
+    # there is no completed_at, `ack` refuses it and no download.completed was sent.
+    "finished": "downloading",
+    "seeding": "downloading",
 }
 
 
@@ -70,7 +72,14 @@ def kept_files(record: DownloadRecord) -> tuple[FileInfo, ...]:
 def download_info(record: DownloadRecord, live: TorrentStatus | None) -> DownloadInfo:
     """The DownloadInfo of a saved download, with libtorrent's live status if it has one."""
     if live is not None and live.has_metadata:
-        files = tuple(FileInfo(path=f.path, size=f.size, priority=f.priority) for f in live.files)
+        # libtorrent applies priorities on its disk thread, so it may still report the old ones
+        # just after a set_files: the saved ones are what the download is set to.
+        saved = record.file_priorities
+        use_saved = len(saved) == len(live.files)
+        files = tuple(
+            FileInfo(path=f.path, size=f.size, priority=saved[index] if use_saved else f.priority)
+            for index, f in enumerate(live.files)
+        )
     else:
         files = kept_files(record)
     finished = record.status is DownloadStatus.COMPLETED

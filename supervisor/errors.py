@@ -51,6 +51,14 @@ class NotFound(DlkeeperError):
         self.task_id = task_id
 
 
+class StaleChange(BadRequest):
+    """A change made for a status the download no longer has (another change came first)."""
+
+    def __init__(self, task_id: str, status: str) -> None:
+        super().__init__(f"download {task_id} is {status} now")
+        self.task_id = task_id
+
+
 class InvalidTorrent(DlkeeperError):
     code = "invalid_torrent"
 

@@ -58,11 +58,13 @@ class AddRecord(Message):
 
 
 class UpdateRecord(Message):
-    """Change fields of a download. Fails with `not_found`."""
+    """Change fields of a download. Fails with `not_found`, and with `StaleChange` when
+    `if_status` is given and the download's status is no longer one of them."""
 
     kind: Literal["update_record"] = "update_record"
     task_id: TaskId
     changes: RecordChanges
+    if_status: frozenset[DownloadStatus] | None = None
 
 
 class RemoveRecord(Message):

@@ -80,6 +80,16 @@ def seeding(*payloads: Payload, upload_rate_limit: int = 0) -> Iterator[Seeder]:
         handles[payload.info_hash] = session.add_torrent(params)
     for handle in handles.values():
         _wait_seeding(session, handle, deadline)
+        # Out of libtorrent's queue, which would keep it paused until its first tick: a
+        # paused seeder refuses a peer, and that peer waits a minute before it tries again.
+        handle.unset_flags(lt.torrent_flags.auto_managed)
+        handle.resume()
+    for handle in handles.values():
+        while handle.status().paused:
+            if time.monotonic() > deadline:
+                raise TimeoutError("seeder did not start seeding in time")
+            session.wait_for_alert(100)
+            session.pop_alerts()
     try:
         yield Seeder(session, handles)
     finally:

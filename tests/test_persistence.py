@@ -24,6 +24,7 @@ from supervisor.errors import (
     BadRequest,
     Duplicate,
     NotFound,
+    StaleChange,
     StateError,
     StateLocked,
     StateTooNew,
@@ -411,3 +412,22 @@ def test_load_and_write_refuse_to_run_without_the_lock(store: StateStore) -> Non
         store.write({})
     with pytest.raises(StateError, match="not held"):
         store.load()
+
+
+async def test_a_conditional_update_applies_only_while_the_status_is_as_expected(
+    store: StateStore,
+) -> None:
+    async with running(store) as persistence:
+        await persistence.add(make_record("a", DownloadStatus.QUEUED))
+        await persistence.update("a", RecordChanges(status=DownloadStatus.PAUSED))
+        with pytest.raises(StaleChange, match="download a is paused now"):
+            await persistence.update(
+                "a",
+                RecordChanges(status=DownloadStatus.DOWNLOADING),
+                if_status={DownloadStatus.QUEUED},
+            )
+        assert (await persistence.get("a")).status is DownloadStatus.PAUSED
+        changed = await persistence.update(
+            "a", RecordChanges(progress=0.5), if_status={DownloadStatus.PAUSED}
+        )
+        assert changed.progress == 0.5
