@@ -10,6 +10,7 @@ saved downloads were being replayed are handled then, neither lost nor early.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 
@@ -20,7 +21,7 @@ from actors.persistence import Persistence
 from actors.state import ACTIVE_STATUSES, DownloadStatus
 from supervisor.bus import EventBus
 from supervisor.downloads import completed_event, failed_event
-from supervisor.errors import DlkeeperError, NotFound
+from supervisor.errors import DlkeeperError, NotFound, StaleChange
 from supervisor.mailbox import Actor, Envelope
 from supervisor.messages import (
     DownloadErrored,
@@ -57,16 +58,28 @@ class MonitorActor(Actor[None]):
             task_group.start_soon(self._consume)
             async for _ in inbox:
                 pass
-            task_group.cancel_scope.cancel()
+            task_group.cancel_scope.cancel()  # an event being recorded is recorded first
+        # What the session reported before the stop is recorded too, in order: the progress
+        # of the resume data saved on stop, say.
+        while True:
+            try:
+                event = self._events.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            await self._handle(event)
 
     async def _consume(self) -> None:
         async for event in self._events:
-            try:
-                await self._record(event)
-            except NotFound:
-                log.info("%s for a download no longer kept; ignored", event.kind)
-            except DlkeeperError as exc:
-                log.error("could not record %s: %s", event.kind, exc)
+            with anyio.CancelScope(shield=True):
+                await self._handle(event)
+
+    async def _handle(self, event: SessionEvent) -> None:
+        try:
+            await self._record(event)
+        except NotFound:
+            log.info("%s for a download no longer kept; ignored", event.kind)
+        except DlkeeperError as exc:
+            log.error("could not record %s: %s", event.kind, exc)
 
     async def _record(self, event: SessionEvent) -> None:
         if isinstance(event, DownloadFinished):
@@ -80,6 +93,7 @@ class MonitorActor(Actor[None]):
                         completed_at=datetime.now(UTC),
                         error=None,
                     ),
+                    if_status=ACTIVE_STATUSES,  # no gap for a cancel or ack to fall in
                 )
                 log.info("download %s completed", event.task_id)
                 if self._bus is not None:  # on disk first, published second
@@ -88,7 +102,9 @@ class MonitorActor(Actor[None]):
             record = await self._persistence.get(event.task_id)
             if record.status in ACTIVE_STATUSES:  # a completed download stays completed
                 record = await self._persistence.update(
-                    event.task_id, RecordChanges(status=DownloadStatus.FAILED, error=event.error)
+                    event.task_id,
+                    RecordChanges(status=DownloadStatus.FAILED, error=event.error),
+                    if_status=ACTIVE_STATUSES,
                 )
                 log.warning("download %s failed: %s", event.task_id, event.error)
                 if self._bus is not None:
@@ -96,7 +112,8 @@ class MonitorActor(Actor[None]):
         elif isinstance(event, DownloadMetadataKept):
             record = await self._persistence.get(event.task_id)
             changes = RecordChanges(torrent_file_path=event.torrent_path)
-            if not record.name and event.name:
+            # A magnet without `dn` was named after its info hash until its metadata came.
+            if event.name and record.name in ("", record.info_hash):
                 changes = RecordChanges(torrent_file_path=event.torrent_path, name=event.name)
             await self._persistence.update(event.task_id, changes)
         elif isinstance(event, DownloadProgressKept):
@@ -104,11 +121,16 @@ class MonitorActor(Actor[None]):
             record = await self._persistence.get(event.task_id)
             if record.status in ACTIVE_STATUSES and record.progress != event.progress:
                 progress = min(max(event.progress, 0.0), 1.0)
-                await self._persistence.update(event.task_id, RecordChanges(progress=progress))
+                await self._persistence.update(
+                    event.task_id, RecordChanges(progress=progress), if_status=ACTIVE_STATUSES
+                )
         elif isinstance(event, DownloadStateChanged) and event.state == "downloading":
-            record = await self._persistence.get(event.task_id)
-            if record.status is DownloadStatus.QUEUED:  # libtorrent's queue let it start
-                changes = RecordChanges(status=DownloadStatus.DOWNLOADING)
-                await self._persistence.update(event.task_id, changes)
+            # Only a download still queued: a pause saved meanwhile must not be undone.
+            with contextlib.suppress(StaleChange):
+                await self._persistence.update(
+                    event.task_id,
+                    RecordChanges(status=DownloadStatus.DOWNLOADING),
+                    if_status={DownloadStatus.QUEUED},
+                )
         elif isinstance(event, WorkerRestarted):
             log.warning("libtorrent worker restarted (%d so far): %s", event.restarts, event.reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from supervisor import systemd
 from supervisor.api import ApiService
 from supervisor.bus import EventBus
 from supervisor.config import Config
+from supervisor.errors import DlkeeperError
 from supervisor.mailbox import actor_group
 from supervisor.messages import SessionEvent
 from supervisor.server import ApiServer
@@ -35,8 +37,6 @@ EXIT_INTERRUPTED = 128 + signal.SIGTERM  # a second signal while stopping
 
 # Spawning the worker and replaying 1,000 downloads takes about a second; a slow SD card more.
 SESSION_START_TIMEOUT = 120.0
-# The worker answers a ping every second; one that has not for this long is not healthy.
-HEALTHY_HEARTBEAT_AGE = 10.0
 
 
 async def run_daemon(config: Config) -> None:
@@ -59,7 +59,8 @@ async def run_daemon(config: Config) -> None:
                 #    paused download into it. What libtorrent reports meanwhile waits in `events`.
                 config.torrents_dir.mkdir(parents=True, exist_ok=True)
                 publish, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
-                session_actor = SessionActor(session_options(config), persistence, publish)
+                options = session_options(config)
+                session_actor = SessionActor(options, persistence, publish)
                 session = Session(await actors.start(session_actor))
                 await session.wait_replayed(timeout=SESSION_START_TIMEOUT)
                 # 4. Only now handle completions (the ones reported during the replay first).
@@ -71,7 +72,7 @@ async def run_daemon(config: Config) -> None:
                 async with anyio.create_task_group() as serving:
                     await serving.start(server.serve, config.socket)
                     systemd.notify("READY=1")
-                    serving.start_soon(_pet_watchdog, session)
+                    serving.start_soon(_pet_watchdog, session, healthy_heartbeat_age(options))
                     stats = await session.stats()
                     log.info(
                         "dlkeeper running: %d downloads resumed, %d could not be, "
@@ -86,6 +87,13 @@ async def run_daemon(config: Config) -> None:
                     systemd.notify("STOPPING=1")
                     daemon.start_soon(_exit_on_second_signal, signals)
                     serving.cancel_scope.cancel()  # stop accepting; the socket goes
+                # Resume data for every download now, while the monitor still records the
+                # progress it holds; the session's own save on stop then finds little left.
+                with (
+                    anyio.move_on_after(config.shutdown_timeout),
+                    contextlib.suppress(DlkeeperError),
+                ):
+                    await session.save_resume_data()
                 # Leaving the actor group stops the monitor, then the session (which saves
                 # resume data, bounded by shutdown_timeout), then persistence (the lock).
             daemon.cancel_scope.cancel()
@@ -106,7 +114,7 @@ async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
-async def _pet_watchdog(session: Session) -> None:
+async def _pet_watchdog(session: Session, healthy_age: float) -> None:
     """WATCHDOG=1 every half $WATCHDOG_USEC, only while healthy: this loop turning is the event
     loop turning, and the worker must have answered a heartbeat recently."""
     interval = systemd.watchdog_interval()
@@ -115,11 +123,18 @@ async def _pet_watchdog(session: Session) -> None:
     while True:
         with anyio.move_on_after(interval):
             stats = await session.stats()
-            if stats.heartbeat_age is not None and stats.heartbeat_age < HEALTHY_HEARTBEAT_AGE:
+            if stats.heartbeat_age is not None and stats.heartbeat_age < healthy_age:
                 systemd.notify("WATCHDOG=1")
             else:
                 log.warning("not petting the watchdog: the libtorrent worker is not answering")
         await anyio.sleep(interval)
+
+
+def healthy_heartbeat_age(options: SessionOptions) -> float:
+    """How old the worker's last heartbeat may be while it counts as healthy: a ping is due
+    every heartbeat_interval, and the session actor replaces a worker that leaves one unanswered
+    for heartbeat_timeout, so a hang must show well within their sum."""
+    return options.heartbeat_interval + options.heartbeat_timeout / 2
 
 
 def session_options(config: Config) -> SessionOptions:

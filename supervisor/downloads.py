@@ -20,6 +20,7 @@ from supervisor.messages import (
 
 DEFAULT_PRIORITY = 4  # libtorrent's
 
+_LOADING_STATES = frozenset({"checking_resume_data", "queued_for_checking"})
 _LIVE_STATES: dict[str, LiveStatus] = {
     "checking_files": "checking",
     "checking_resume_data": "checking",
@@ -83,13 +84,14 @@ def download_info(record: DownloadRecord, live: TorrentStatus | None) -> Downloa
     else:
         files = kept_files(record)
     finished = record.status is DownloadStatus.COMPLETED
+    loading = live is not None and live.state in _LOADING_STATES
     total = live.total_bytes if live is not None else sum(f.size for f in files if f.priority)
     return DownloadInfo(
         task_id=record.task_id,
         name=record.name or (live.name if live is not None else ""),
         info_hash=record.info_hash or (live.info_hash if live is not None else None),
         status=live_status(record, live),
-        progress=1.0 if finished else (live.progress if live is not None else record.progress),
+        progress=1.0 if finished else _progress(record, live, loading=loading),
         total_bytes=total,
         downloaded_bytes=(
             live.downloaded_bytes if live is not None else (total if finished else 0)
@@ -103,6 +105,13 @@ def download_info(record: DownloadRecord, live: TorrentStatus | None) -> Downloa
         error=record.error,
         files=files,
     )
+
+
+def _progress(record: DownloadRecord, live: TorrentStatus | None, *, loading: bool) -> float:
+    if live is None:
+        return record.progress
+    # While libtorrent still reads the resume data it reports 0: the saved progress is truer.
+    return max(live.progress, record.progress) if loading else live.progress
 
 
 def completed_event(record: DownloadRecord, seq: int) -> DownloadCompletedEvent:

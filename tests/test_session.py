@@ -168,7 +168,8 @@ async def test_killed_worker_is_restarted_and_resumes_without_a_recheck(
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         await running.next_event(WorkerRestarted)
-        first = await running.wait_status("k1", lambda s: True)
+        # Once libtorrent has read the resume data (it reports 0 until then).
+        first = await running.wait_status("k1", lambda s: s.state != "checking_resume_data")
         await running.next_event(DownloadFinished, lambda e: e.task_id == "k1")
         stats = await running.session.stats()
     assert stats.worker_restarts == 1
