@@ -12,7 +12,7 @@ TEMP_SUFFIX = ".tmp"
 
 
 def write_temporary(directory: Path, data: bytes, prefix: str = TEMP_PREFIX) -> Path:
-    """A new fsynced file `{prefix}XXXX.tmp` in `directory` holding `data`."""
+    """A new fsynced file in `directory` holding `data`, named `{prefix}<random>.tmp`."""
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=directory)
     try:
         _write_all(fd, data)

@@ -12,6 +12,7 @@ the deadline). Let one of them `tell()` instead.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class Envelope(Generic[M]):
     reply: Reply | None = None
 
 
-class Actor(Generic[M]):
+class Actor(ABC, Generic[M]):
     """Base of every actor. Subclasses implement `run()` and may override the hooks."""
 
     name: str = "actor"
@@ -86,9 +87,9 @@ class Actor(Generic[M]):
     async def on_start(self) -> None:
         """Runs before the actor's ref is handed out; an exception here fails the start."""
 
+    @abstractmethod
     async def run(self, inbox: MemoryObjectReceiveStream[Envelope[M]]) -> None:
         """Handles messages until the inbox is closed (a stop) or an error ends the actor."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     async def on_stop(self) -> None:
         """Runs after `run()` returns or fails, shielded from cancellation.
