@@ -304,6 +304,11 @@ class ApiService:
         else:
             assert params.torrent_path is not None
             data = await anyio.to_thread.run_sync(_read_torrent_path, params.torrent_path)
+            try:
+                return await anyio.to_thread.run_sync(_torrent_source, data)
+            except InvalidTorrent:
+                # Not the decoder's detail: it would tell a client what any file begins with.
+                raise InvalidTorrent(f"{params.torrent_path} is not a .torrent file") from None
         # Decoding a .torrent of many files takes seconds of pure Python: not on the event loop.
         return await anyio.to_thread.run_sync(_torrent_source, data)
 

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 8 * 1024 * 1024
 SOCKET_MODE = 0o660
+# Requests in progress per connection; past this, the connection is not read (backpressure).
+MAX_IN_FLIGHT = 256
 # Replies still being worked on when a client closes its side get this long to go out.
 DRAIN_TIMEOUT = 5.0
 
@@ -130,6 +132,7 @@ class ApiServer:
                 error = TooLarge(f"a request line is longer than {MAX_LINE_BYTES} bytes")
                 await connection.send(_error_reply(None, error))
                 return
+            await connection.request_slot()  # a client that never reads cannot pile up tasks
             connection.spawn_request(self._request, line)  # an empty line is bad_request too
 
     async def _request(self, connection: _Connection, line: bytes) -> None:
@@ -231,6 +234,7 @@ class _Connection:
         self.subscribed = anyio.Event()
         self._in_progress = 0
         self._done = anyio.Event()
+        self._slots = anyio.Semaphore(MAX_IN_FLIGHT)
         self._send_lock = anyio.Lock()
 
     def spawn_request(
@@ -245,10 +249,15 @@ class _Connection:
         try:
             await handle(self, line)
         finally:
+            self._slots.release()
             self._in_progress -= 1
             if self._in_progress == 0:
                 self._done.set()
                 self._done = anyio.Event()
+
+    async def request_slot(self) -> None:
+        """Waits while MAX_IN_FLIGHT requests of this connection are in progress."""
+        await self._slots.acquire()
 
     async def requests_done(self) -> None:
         if self._in_progress:

@@ -1019,6 +1019,25 @@ def test_add_of_a_missing_torrent_path_is_bad_request(api: RawClient, tmp_path: 
     assert code_of(reply) == "bad_request"
 
 
+def test_add_of_a_file_that_is_no_torrent_tells_nothing_of_its_content(
+    api: RawClient, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"Zsecret")
+    reply = api.request("add", torrent_path=str(secret))
+    assert code_of(reply) == "invalid_torrent"
+    assert reply["error"]["message"] == f"{secret} is not a .torrent file"
+
+
+def test_many_requests_sent_without_reading_are_all_answered(api: RawClient) -> None:
+    # More than a connection may have in progress: the daemon stops reading, then goes on.
+    count = 1000
+    api.send_raw(b"".join(b'{"id": %d, "op": "ping"}\n' % n for n in range(count)))
+    replies = [api.read_reply() for _ in range(count)]
+    assert sorted(reply["id"] for reply in replies) == list(range(count))
+    assert all(reply["ok"] for reply in replies)
+
+
 @pytest.mark.parametrize(
     "magnet",
     [
