@@ -586,9 +586,22 @@ def _b64(data: bytes) -> str:
 
 
 def _writer(stream: Any) -> Callable[[Message], None]:
+    parent_gone = False
+
     def send(message: Message) -> None:
-        stream.write(orjson.dumps(message.model_dump(mode="json")) + b"\n")
-        stream.flush()
+        nonlocal parent_gone
+        if parent_gone:
+            return
+        try:
+            stream.write(orjson.dumps(message.model_dump(mode="json")) + b"\n")
+            stream.flush()
+        except BrokenPipeError:
+            # The daemon is gone; its end of stdin closes too, and the main loop then stops
+            # the session in order (libtorrent writes what it holds).
+            parent_gone = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())  # what is still buffered goes nowhere, quietly
+            os.close(devnull)
 
     return send
 
