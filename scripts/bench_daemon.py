@@ -55,7 +55,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -78,6 +77,24 @@ import libtorrent as lt
 import orjson
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
+from benchlib import (
+    add_dir_argument,
+    bencode,
+    check_dir,
+    cores,
+    cpu_model,
+    cpu_of,
+    filesystem_of,
+    memory_of,
+    mib,
+    ms,
+    percentile,
+    print_platform,
+    verdict,
+)
+from benchlib import distribution as _distribution
+from benchlib import time_command as _time_command
+from benchseeder import Sample, seeder_settings, seeder_view, wait_finished
 
 from tests.daemons import write_config
 from tests.swarm import LOOPBACK_SETTINGS, Seeder, seeding
@@ -103,14 +120,6 @@ RSS_PIECE = 4 * MiB
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+: (.*)$")
 _REPLAYED = re.compile(r"^replayed (\d+) of (\d+) downloads in ([\d.]+) s$")
 
-_SEEDER_SETTINGS: dict[str, str | int | bool] = {
-    "alert_mask": int(
-        lt.alert.category_t.peer_log_notification
-        | lt.alert.category_t.upload_notification
-        | lt.alert.category_t.connect_notification
-    ),
-    "alert_queue_size": 1_000_000,
-}
 _BARE_ALERT_MASK = (
     lt.alert.category_t.error_notification
     | lt.alert.category_t.status_notification
@@ -464,18 +473,6 @@ def written_by(pid: int) -> int:
     return 0
 
 
-def cpu_of(pid: int, thread: int | None = None) -> float:
-    """User + system CPU seconds a process (or one of its threads) has used, from
-    /proc/<pid>/stat (or /proc/<pid>/task/<thread>/stat); 0 once gone."""
-    path = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
-    try:
-        stat = path.read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class RawRates:
     fsync: float  # write 4 KiB + fsync of one file, per second
@@ -608,10 +605,7 @@ def set_up_library(space: Workspace, name: str, count: int) -> StartSetup:
 
 
 def time_command(command: list[str]) -> float:
-    began = time.perf_counter()
-    # No timeout: with one, subprocess polls the child with sleeps of up to 50 ms.
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL, env=child_env(), cwd=ROOT)
-    return time.perf_counter() - began
+    return _time_command(command, env=child_env(), cwd=ROOT)
 
 
 REFERENCE_STARTS: tuple[tuple[str, str], ...] = (
@@ -631,63 +625,6 @@ def reference_starts(runs: int) -> dict[str, list[float]]:
 
 
 # --- 3. completion latency -----------------------------------------------------------------------
-
-
-@dataclass
-class SeederView:
-    """What the seeder saw of one download: the last HAVE in, the last block out, the end."""
-
-    last_have: float = math.nan
-    last_block: float = math.nan
-    disconnected: float = math.nan
-
-
-@dataclass(frozen=True)
-class Sample:
-    received: float  # time.time() when the completion reached Python
-    seeder: SeederView
-    finished: float = math.nan  # bare session only: its torrent_finished_alert timestamp
-
-    @property
-    def latency(self) -> float:
-        return self.received - self.seeder.last_have
-
-    @property
-    def bound(self) -> float:
-        return self.received - self.seeder.last_block
-
-
-def _alert_hash(alert: Any) -> str | None:
-    handle = getattr(alert, "handle", None)
-    if handle is None or not handle.is_valid():
-        return None
-    return str(handle.info_hashes().v1)
-
-
-def collect(seeder: Seeder, view: SeederView, info_hash: str) -> None:
-    """Folds the seeder's queued alerts about `info_hash` into `view`."""
-    for alert in seeder.session.pop_alerts():
-        if _alert_hash(alert) != info_hash:
-            continue
-        stamp = float(alert.timestamp().timestamp())
-        if isinstance(alert, lt.peer_log_alert) and "<== HAVE " in alert.message():
-            view.last_have = stamp
-        elif isinstance(alert, lt.block_uploaded_alert):
-            view.last_block = stamp
-        elif isinstance(alert, lt.peer_disconnected_alert):
-            view.disconnected = stamp
-
-
-async def seeder_view(seeder: Seeder, info_hash: str) -> SeederView:
-    """The seeder's view once it has dropped the (now seeding) downloader, or after 2 s."""
-    view = SeederView()
-    with anyio.move_on_after(2.0):
-        while True:
-            collect(seeder, view, info_hash)
-            if not math.isnan(view.disconnected):
-                break
-            await anyio.sleep(0.01)
-    return view
 
 
 async def completions_through_daemon(
@@ -740,23 +677,12 @@ def completions_bare(root: Path, payloads: list[Payload], seeder: Seeder) -> lis
             params.peers = [("127.0.0.1", seeder.port)]
             seeder.session.pop_alerts()
             session.async_add_torrent(params)
-            finished, received = _wait_finished(session)
+            finished, received = wait_finished(session, DEADLINE)
             view = anyio.run(seeder_view, seeder, payload.info_hash, backend="asyncio")
             samples.append(Sample(received, view, finished))
     finally:
         del session
     return samples
-
-
-def _wait_finished(session: Any) -> tuple[float, float]:
-    """(the torrent_finished_alert's timestamp, time.time() when Python popped it)."""
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        session.wait_for_alert(100)
-        for alert in session.pop_alerts():
-            if isinstance(alert, lt.torrent_finished_alert):
-                return float(alert.timestamp().timestamp()), time.time()
-    raise TimeoutError(f"the bare libtorrent download did not finish in {DEADLINE:g} s")
 
 
 @dataclass(frozen=True)
@@ -778,7 +704,7 @@ def measure_completions(
     ]
     config, socket_path = space.library("latency")
     with seeding(*payloads) as seeder:
-        seeder.session.apply_settings(_SEEDER_SETTINGS)
+        seeder.session.apply_settings(seeder_settings())
         for handle in seeder.handles.values():
             # libtorrent's queue keeps only a few auto-managed seeds active: seed them all.
             handle.unset_flags(lt.torrent_flags.auto_managed)
@@ -796,41 +722,6 @@ def measure_completions(
 
 
 # --- 4. memory -----------------------------------------------------------------------------------
-
-
-def memory_of(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem (/proc/<pid>/status) and Pss
-    (/proc/<pid>/smaps_rollup) of a process, in KiB; empty when it is gone."""
-    found: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                found[key] = int(value.split()[0])
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == "Pss":
-                found[key] = int(value.split()[0])
-    except (OSError, ValueError):
-        pass
-    return found
-
-
-def bencode(value: object) -> bytes:
-    if isinstance(value, int):
-        return b"i%de" % value
-    if isinstance(value, bytes):
-        return b"%d:%s" % (len(value), value)
-    if isinstance(value, str):
-        return bencode(value.encode())
-    if isinstance(value, list):
-        return b"l" + b"".join(bencode(item) for item in value) + b"e"
-    if isinstance(value, dict):
-        items = sorted(
-            (key.encode() if isinstance(key, str) else key, item) for key, item in value.items()
-        )
-        return b"d" + b"".join(bencode(key) + bencode(item) for key, item in items) + b"e"
-    raise TypeError(f"cannot bencode {type(value).__name__}")
 
 
 def fake_torrent(number: int) -> bytes:
@@ -937,44 +828,6 @@ def reference_memory(torrents_dir: Path) -> dict[str, dict[str, int]]:
 # --- machine facts -------------------------------------------------------------------------------
 
 
-def filesystem_of(directory: Path) -> str:
-    """`type on device, mounted at point (options)` from /proc/mounts, else what statvfs knows."""
-    path = directory.resolve()
-    mount_point = path
-    while not os.path.ismount(mount_point) and mount_point != mount_point.parent:
-        mount_point = mount_point.parent
-    found: str | None = None
-    try:
-        with Path("/proc/mounts").open() as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) >= 4 and fields[1] == str(mount_point):
-                    found = f"{fields[2]} on {fields[0]}, mounted at {fields[1]} ({fields[3]})"
-    except OSError:
-        pass
-    info = os.statvfs(path)
-    free = info.f_bavail * info.f_frsize / 1e9
-    blocks = f"block size {info.f_bsize} B, {free:,.1f} GB free"
-    return f"{found}; {blocks}" if found else f"unknown type, mounted at {mount_point}; {blocks}"
-
-
-def cores() -> str:
-    total = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return str(total)
-    return f"{total} ({usable} usable by this process)"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or "unknown"
-
-
 def memory_total() -> str:
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -986,25 +839,8 @@ def memory_total() -> str:
 # --- output --------------------------------------------------------------------------------------
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.1f} ms"
-
-
-def mib(kib: float) -> str:
-    return f"{kib / 1024:7.1f} MiB"
-
-
-def verdict(met: bool) -> str:
-    return "MET" if met else "NOT MET"
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile (NaN when there are no values)."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    rank = round(fraction * (len(ordered) - 1))
-    return ordered[min(len(ordered) - 1, max(0, rank))]
+def distribution(label: str, values: list[float]) -> str:
+    return _distribution(label, values, 56)
 
 
 def median(values: list[float]) -> float:
@@ -1014,9 +850,7 @@ def median(values: list[float]) -> float:
 
 def print_header(space: Workspace, args: argparse.Namespace, load: tuple[float, ...]) -> None:
     print("dlkeeper daemon benchmark (a real `dlkeeper serve` child, through its socket)")
-    print(f"  python       {platform.python_version()} ({platform.python_implementation()})")
-    print(f"  libtorrent   {lt.__version__}")
-    print(f"  system       {platform.system()} {platform.release()} {platform.machine()}")
+    print_platform(lt.__version__)
     print(f"  cpu          {cpu_model()}")
     print(f"  cores        {cores()}")
     print(f"  memory       {memory_total()}")
@@ -1120,17 +954,6 @@ def print_adds(phases: list[AddPhase], raw: RawRates) -> None:
         label = f"{phase.connections} connections x {phase.in_flight} in flight / 1 connection"
         print(f"  {label:<62} {phase.rate / one:8.2f}x")
     print()
-
-
-def distribution(label: str, values: list[float]) -> str:
-    valid = [value for value in values if not math.isnan(value)]
-    missing = len(values) - len(valid)
-    if not valid:
-        return f"  {label:<56} no samples"
-    return (
-        f"  {label:<56} {ms(median(valid))}  {ms(percentile(valid, 0.9))}  "
-        f"{ms(max(valid))}  {ms(min(valid))}" + (f"   ({missing} not seen)" if missing else "")
-    )
 
 
 def print_completions(completions: Completions) -> None:
@@ -1325,13 +1148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="idle time before memory is read (default: %(default)s)",
     )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="work in a temporary folder made inside DIR and removed at the end",
-    )
+    add_dir_argument(parser)
     args = parser.parse_args(argv)
     if min(args.runs, args.downloads, args.connections, args.in_flight, args.completions) < 1:
         parser.error("--runs, --downloads, --connections, --in-flight, --completions: >= 1")
@@ -1339,8 +1156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--duration must be positive, --idle and --calibration not negative")
     if args.size_kib < 16:
         parser.error("--size-kib must be at least 16")
-    if args.dir is not None and not args.dir.is_dir():
-        parser.error(f"--dir {args.dir} is not a folder")
+    check_dir(parser, args)
     return args
 
 

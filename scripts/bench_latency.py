@@ -41,20 +41,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import shutil
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import anyio
 import libtorrent as lt
+from benchlib import add_dir_argument, check_dir, cores, in_work_dir, print_platform
+from benchlib import distribution as _distribution
+from benchseeder import Sample, raw_alert_mask, seeder_settings, seeder_view, wait_finished
 
 from supervisor.messages import DownloadFinished
 from tests.sessions import Library, running_session
@@ -65,79 +62,8 @@ KiB = 1024
 GOAL = 0.1  # seconds, every completion (max)
 DEADLINE = 60.0  # for one download
 
-_SEEDER_SETTINGS: dict[str, str | int | bool] = {
-    "alert_mask": int(
-        lt.alert.category_t.peer_log_notification
-        | lt.alert.category_t.upload_notification
-        | lt.alert.category_t.connect_notification
-    ),
-    "alert_queue_size": 1_000_000,
-}
-_RAW_ALERT_MASK = (
-    lt.alert.category_t.error_notification
-    | lt.alert.category_t.status_notification
-    | lt.alert.category_t.storage_notification
-)
-
-
-@dataclass
-class SeederView:
-    """What the seeder saw of one download: the last HAVE in, the last block out, the end."""
-
-    last_have: float = math.nan
-    last_block: float = math.nan
-    disconnected: float = math.nan
-
-
-@dataclass(frozen=True)
-class Sample:
-    received: float  # time.time() when the finish reached Python (parent or bare session)
-    seeder: SeederView
-    finished: float = math.nan  # bare session only: its torrent_finished_alert timestamp
-
-    @property
-    def latency(self) -> float:
-        return self.received - self.seeder.last_have
-
-    @property
-    def bound(self) -> float:
-        return self.received - self.seeder.last_block
-
 
 # --- the seeder's side -------------------------------------------------------------------------
-
-
-def _info_hash(alert: Any) -> str | None:
-    handle = getattr(alert, "handle", None)
-    if handle is None or not handle.is_valid():
-        return None
-    return str(handle.info_hashes().v1)
-
-
-def collect(seeder: Seeder, view: SeederView, info_hash: str) -> None:
-    """Folds the seeder's queued alerts about `info_hash` into `view`."""
-    for alert in seeder.session.pop_alerts():
-        if _info_hash(alert) != info_hash:
-            continue
-        stamp = float(alert.timestamp().timestamp())
-        if isinstance(alert, lt.peer_log_alert) and "<== HAVE " in alert.message():
-            view.last_have = stamp
-        elif isinstance(alert, lt.block_uploaded_alert):
-            view.last_block = stamp
-        elif isinstance(alert, lt.peer_disconnected_alert):
-            view.disconnected = stamp
-
-
-async def seeder_view(seeder: Seeder, info_hash: str) -> SeederView:
-    """The seeder's view once it has dropped the (now seeding) downloader, or after 2 s."""
-    view = SeederView()
-    with anyio.move_on_after(2.0):
-        while True:
-            collect(seeder, view, info_hash)
-            if not math.isnan(view.disconnected):
-                break
-            await anyio.sleep(0.01)
-    return view
 
 
 # --- dlkeeper ----------------------------------------------------------------------------------
@@ -166,7 +92,7 @@ def _is(task_id: str) -> Callable[[DownloadFinished], bool]:
 
 
 def through_bare_session(root: Path, payloads: list[Payload], seeder: Seeder) -> list[Sample]:
-    settings = {**LOOPBACK_SETTINGS, "alert_mask": int(_RAW_ALERT_MASK)}
+    settings = {**LOOPBACK_SETTINGS, "alert_mask": raw_alert_mask()}
     session = lt.session(cast("lt.settings_pack", settings))
     samples: list[Sample] = []
     try:
@@ -177,7 +103,7 @@ def through_bare_session(root: Path, payloads: list[Payload], seeder: Seeder) ->
             params.peers = [("127.0.0.1", seeder.port)]
             seeder.session.pop_alerts()
             session.async_add_torrent(params)
-            finished, received = _wait_finished(session)
+            finished, received = wait_finished(session, DEADLINE)
             view = anyio.run(seeder_view, seeder, payload.info_hash, backend="asyncio")
             samples.append(Sample(received, view, finished))
     finally:
@@ -185,25 +111,7 @@ def through_bare_session(root: Path, payloads: list[Payload], seeder: Seeder) ->
     return samples
 
 
-def _wait_finished(session: Any) -> tuple[float, float]:
-    """(the torrent_finished_alert's timestamp, time.time() when Python popped it)."""
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        session.wait_for_alert(100)
-        for alert in session.pop_alerts():
-            if isinstance(alert, lt.torrent_finished_alert):
-                return float(alert.timestamp().timestamp()), time.time()
-    raise TimeoutError(f"the bare libtorrent download did not finish in {DEADLINE:g} s")
-
-
 # --- output ------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = round(fraction * (len(ordered) - 1))
-    return ordered[min(len(ordered) - 1, max(0, rank))]
 
 
 def ms(seconds: float) -> str:
@@ -211,23 +119,7 @@ def ms(seconds: float) -> str:
 
 
 def distribution(label: str, values: list[float]) -> str:
-    valid = [value for value in values if not math.isnan(value)]
-    missing = len(values) - len(valid)
-    if not valid:
-        return f"  {label:<44} no samples"
-    return (
-        f"  {label:<44} {ms(statistics.median(valid))}  {ms(percentile(valid, 0.9))}  "
-        f"{ms(max(valid))}  {ms(min(valid))}" + (f"   ({missing} not seen)" if missing else "")
-    )
-
-
-def cores() -> str:
-    total = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return str(total)
-    return f"{total} ({usable} usable by this process)"
+    return _distribution(label, values, 44, ms)
 
 
 def print_report(
@@ -235,9 +127,7 @@ def print_report(
 ) -> None:
     info = lt.torrent_info(payloads[0].torrent)
     print("dlkeeper completion latency benchmark")
-    print(f"  python       {platform.python_version()} ({platform.python_implementation()})")
-    print(f"  libtorrent   {lt.__version__}")
-    print(f"  system       {platform.system()} {platform.release()} {platform.machine()}")
+    print_platform(lt.__version__)
     print(f"  cores        {cores()}")
     print(
         f"  downloads    {len(dlkeeper)} through one session actor, one at a time, "
@@ -294,7 +184,7 @@ def benchmark(directory: Path, downloads: int, size_kib: int, calibration: int) 
         for number in range(downloads)
     ]
     with seeding(*payloads) as seeder:
-        seeder.session.apply_settings(_SEEDER_SETTINGS)
+        seeder.session.apply_settings(seeder_settings())
         for handle in seeder.handles.values():
             # libtorrent's queue keeps only a few auto-managed seeds active: seed them all.
             handle.unset_flags(lt.torrent_flags.auto_managed)
@@ -325,13 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10,
         help="downloads by a bare libtorrent session first (default: %(default)s; 0: none)",
     )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="work in a temporary folder made inside DIR and removed at the end",
-    )
+    add_dir_argument(parser)
     args = parser.parse_args(argv)
     if args.downloads < 1:
         parser.error("--downloads must be at least 1")
@@ -339,19 +223,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--size-kib must be at least 16")
     if args.calibration < 0:
         parser.error("--calibration must not be negative")
-    if args.dir is not None and not args.dir.is_dir():
-        parser.error(f"--dir {args.dir} is not a folder")
+    check_dir(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    directory = Path(tempfile.mkdtemp(prefix="dlkeeper-bench-", dir=args.dir))
-    try:
-        benchmark(directory, args.downloads, args.size_kib, args.calibration)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    return 0
+    return in_work_dir(
+        args.dir,
+        lambda directory: benchmark(directory, args.downloads, args.size_kib, args.calibration),
+    )
 
 
 if __name__ == "__main__":

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from benchlib import (
+    add_dir_argument,
+    check_dir,
+    cores,
+    filesystem_of,
+    in_work_dir,
+    percentile,
+    print_platform,
+    verdict,
+)
 
 from actors.persistence import Persistence, PersistenceActor
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext
@@ -162,14 +169,6 @@ class Setup:
     writes: int
 
 
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    if not sorted_values:
-        return float("nan")
-    rank = round(fraction * (len(sorted_values) - 1))
-    return sorted_values[min(len(sorted_values) - 1, max(0, rank))]
-
-
 def median(values: list[float]) -> float:
     return percentile(sorted(values), 0.5)
 
@@ -276,36 +275,6 @@ def _timed(action: Callable[[], None]) -> float:
 # --- machine facts ------------------------------------------------------------------------------
 
 
-def filesystem_of(directory: Path) -> str:
-    """`type on device, mounted at point (options)` from /proc/mounts, else what statvfs knows."""
-    path = directory.resolve()
-    mount_point = path
-    while not os.path.ismount(mount_point) and mount_point != mount_point.parent:
-        mount_point = mount_point.parent
-    found: str | None = None
-    try:
-        with Path("/proc/mounts").open() as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) >= 4 and fields[1] == str(mount_point):
-                    found = f"{fields[2]} on {fields[0]}, mounted at {fields[1]} ({fields[3]})"
-    except OSError:
-        pass
-    info = os.statvfs(path)
-    free = info.f_bavail * info.f_frsize / 1e9
-    blocks = f"block size {info.f_bsize} B, {free:,.1f} GB free"
-    return f"{found}; {blocks}" if found else f"unknown type, mounted at {mount_point}; {blocks}"
-
-
-def cores() -> str:
-    total = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return str(total)
-    return f"{total} ({usable} usable by this process)"
-
-
 # --- output -------------------------------------------------------------------------------------
 
 
@@ -313,14 +282,9 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f} ms"
 
 
-def verdict(met: bool) -> str:
-    return "MET" if met else "NOT MET"
-
-
 def print_header(directory: Path, state_bytes: int, setup: Setup, duration: float) -> None:
     print("dlkeeper persistence benchmark")
-    print(f"  python       {platform.python_version()} ({platform.python_implementation()})")
-    print(f"  system       {platform.system()} {platform.release()} {platform.machine()}")
+    print_platform()
     print(f"  cores        {cores()}")
     print(f"  directory    {directory}")
     print(f"  filesystem   {filesystem_of(directory)}")
@@ -427,30 +391,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="length of each measurement (default: %(default)s)",
     )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="measure on this folder's disk; a temporary folder is made inside it and removed "
+    add_dir_argument(
+        parser,
+        "measure on this folder's disk; a temporary folder is made inside it and removed "
         "(default: the system's temporary folder)",
     )
     args = parser.parse_args(argv)
     if args.duration <= 0:
         parser.error("--duration must be positive")
-    if args.dir is not None and not args.dir.is_dir():
-        parser.error(f"--dir {args.dir} is not a folder")
+    check_dir(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    directory = Path(tempfile.mkdtemp(prefix="dlkeeper-bench-", dir=args.dir))
-    try:
-        anyio.run(benchmark, directory, args.duration, backend="asyncio")
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    return 0
+    return in_work_dir(
+        args.dir,
+        lambda directory: anyio.run(benchmark, directory, args.duration, backend="asyncio"),
+    )
 
 
 if __name__ == "__main__":

@@ -43,12 +43,9 @@ import json
 import logging
 import math
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +54,19 @@ from pathlib import Path
 from typing import cast
 
 import anyio
+from benchlib import (
+    add_dir_argument,
+    bencode,
+    check_dir,
+    cores,
+    cpu_of,
+    in_work_dir,
+    memory_of,
+    mib,
+    ms,
+    print_platform,
+    time_command,
+)
 
 from actors.persistence import Persistence, PersistenceActor
 from actors.session import Session, SessionActor, SessionOptions
@@ -108,23 +118,6 @@ class Library:
 
     def options(self) -> SessionOptions:
         return SessionOptions(torrents_dir=self.torrents_dir, libtorrent=LOOPBACK_SETTINGS)
-
-
-def bencode(value: object) -> bytes:
-    if isinstance(value, int):
-        return b"i%de" % value
-    if isinstance(value, bytes):
-        return b"%d:%s" % (len(value), value)
-    if isinstance(value, str):
-        return bencode(value.encode())
-    if isinstance(value, list):
-        return b"l" + b"".join(bencode(item) for item in value) + b"e"
-    if isinstance(value, dict):
-        items = sorted(
-            (key.encode() if isinstance(key, str) else key, item) for key, item in value.items()
-        )
-        return b"d" + b"".join(bencode(key) + bencode(item) for key, item in items) + b"e"
-    raise TypeError(f"cannot bencode {type(value).__name__}")
 
 
 def _key(key: object) -> bytes:
@@ -347,13 +340,6 @@ def bare_child(torrents_dir: str, settings_json: str) -> None:
     print(json.dumps(report), flush=True)
 
 
-def time_command(command: list[str]) -> float:
-    began = time.perf_counter()
-    # No timeout: with one, subprocess polls the child with sleeps of up to 50 ms.
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
-    return time.perf_counter() - began
-
-
 def worker_start(options: SessionOptions) -> float:
     """Spawn -> `ready` of one worker over the real protocol; then it is asked to stop."""
     began = time.perf_counter()
@@ -398,41 +384,7 @@ def measure_starts(options: SessionOptions) -> Starts:
     return starts
 
 
-def cpu_of(pid: int) -> float:
-    """User + system CPU seconds a process has used (from /proc/<pid>/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def memory_of(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in KiB."""
-    found: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
-    return found
-
-
 # --- output --------------------------------------------------------------------------------------
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.1f} ms"
-
-
-def mib(kib: float) -> str:
-    return f"{kib / 1024:7.1f} MiB"
-
-
-def cores() -> str:
-    total = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return str(total)
-    return f"{total} ({usable} usable by this process)"
 
 
 def print_header(library: Library, count: int, pieces: int, setup: Setup) -> None:
@@ -442,8 +394,7 @@ def print_header(library: Library, count: int, pieces: int, setup: Setup) -> Non
     resume_bytes = sum(path.stat().st_size for path in resumes) / max(1, len(resumes))
     state = library.store().path.stat().st_size
     print("dlkeeper replay benchmark")
-    print(f"  python       {platform.python_version()} ({platform.python_implementation()})")
-    print(f"  system       {platform.system()} {platform.release()} {platform.machine()}")
+    print_platform()
     print(f"  cores        {cores()}")
     print(f"  directory    {library.root}")
     print(
@@ -592,31 +543,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="idle time before memory is read (default: %(default)s)",
     )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="work in a temporary folder made inside DIR and removed at the end",
-    )
+    add_dir_argument(parser)
     args = parser.parse_args(argv)
     if args.runs < 1 or args.downloads < 1 or args.pieces < 1:
         parser.error("--runs, --downloads and --pieces must be at least 1")
     if args.idle < 0:
         parser.error("--idle must not be negative")
-    if args.dir is not None and not args.dir.is_dir():
-        parser.error(f"--dir {args.dir} is not a folder")
+    check_dir(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    directory = Path(tempfile.mkdtemp(prefix="dlkeeper-bench-", dir=args.dir))
-    try:
-        benchmark(directory, args.runs, args.downloads, args.pieces, args.idle)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    return 0
+    return in_work_dir(
+        args.dir,
+        lambda directory: benchmark(directory, args.runs, args.downloads, args.pieces, args.idle),
+    )
 
 
 if __name__ == "__main__":

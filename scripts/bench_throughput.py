@@ -40,11 +40,9 @@ import argparse
 import hashlib
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +51,16 @@ from typing import Any, cast
 
 import anyio
 import libtorrent as lt
+from benchlib import (
+    DIR_HELP,
+    add_dir_argument,
+    check_dir,
+    cores,
+    in_work_dir,
+    print_platform,
+    verdict,
+)
+from benchseeder import raw_alert_mask
 
 from supervisor.messages import DownloadFinished
 from tests.sessions import Library, running_session
@@ -66,11 +74,6 @@ TASK_ID = "bench-throughput"
 
 # What the worker asks for (actors.session_worker._ALERT_MASK); a bare session's default mask
 # would not post torrent_finished_alert.
-_RAW_ALERT_MASK = (
-    lt.alert.category_t.error_notification
-    | lt.alert.category_t.status_notification
-    | lt.alert.category_t.storage_notification
-)
 _SEEDER_SETTINGS: dict[str, str | int | bool] = {
     "alert_mask": int(lt.alert.category_t.connect_notification),
     "alert_queue_size": 100_000,
@@ -140,7 +143,7 @@ def run_dlkeeper(root: Path, payload: Payload, seeder: Seeder, deadline: float) 
 def run_raw(root: Path, payload: Payload, seeder: Seeder, deadline: float) -> Download:
     library = Library(root)  # only for its download folder
     library.download_dir.mkdir(parents=True)
-    settings = {**LOOPBACK_SETTINGS, "alert_mask": int(_RAW_ALERT_MASK)}
+    settings = {**LOOPBACK_SETTINGS, "alert_mask": raw_alert_mask()}
     session = lt.session(cast("lt.settings_pack", settings))
     try:
         params = lt.add_torrent_params()
@@ -240,15 +243,6 @@ def one_run(number: int, directory: Path, payload: Payload, seeder: Seeder, dead
 # --- machine facts and output --------------------------------------------------------------------
 
 
-def cores() -> str:
-    total = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return str(total)
-    return f"{total} ({usable} usable by this process)"
-
-
 def filesystem_of(directory: Path) -> str:
     mount_point = directory.resolve()
     while not os.path.ismount(mount_point) and mount_point != mount_point.parent:
@@ -277,9 +271,7 @@ def print_header(
         for index in range(files.num_files())
     )
     print("dlkeeper download throughput benchmark")
-    print(f"  python       {platform.python_version()} ({platform.python_implementation()})")
-    print(f"  libtorrent   {lt.__version__}")
-    print(f"  system       {platform.system()} {platform.release()} {platform.machine()}")
+    print_platform(lt.__version__)
     print(f"  cores        {cores()}")
     print(f"  directory    {directory} ({filesystem_of(directory)})")
     print(f"  payload      {size / MiB:g} MiB in {files.num_files()} files: {listing}")
@@ -362,10 +354,6 @@ def print_goal(runs: list[Run]) -> None:
     print(f"  {'every download intact':<58}{'':7}   {verdict(intact)}")
 
 
-def verdict(met: bool) -> str:
-    return "MET" if met else "NOT MET"
-
-
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -402,32 +390,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--size-mib", type=int, default=256, help="payload size in MiB (default: %(default)s)"
     )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="work in a temporary folder made inside DIR and removed at the end "
-        "(default: the system's temporary folder)",
-    )
+    add_dir_argument(parser, f"{DIR_HELP} (default: the system's temporary folder)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if args.size_mib < 2:
         parser.error("--size-mib must be at least 2")
-    if args.dir is not None and not args.dir.is_dir():
-        parser.error(f"--dir {args.dir} is not a folder")
+    check_dir(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    directory = Path(tempfile.mkdtemp(prefix="dlkeeper-bench-", dir=args.dir))
-    try:
-        benchmark(directory, args.runs, args.size_mib)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    return 0
+    return in_work_dir(args.dir, lambda directory: benchmark(directory, args.runs, args.size_mib))
 
 
 if __name__ == "__main__":
