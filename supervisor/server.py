@@ -139,8 +139,8 @@ class ApiServer:
         request_id: Any = None
         try:
             request = _parse(line)
+            op = _op(request)  # before the id: a line with no op is answered with id null
             request_id = _request_id(request)
-            op = _op(request)
             if op == "subscribe":
                 self._subscribe(connection, request)
                 await connection.send({"id": request_id, "ok": True, "result": {}})

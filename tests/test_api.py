@@ -1019,6 +1019,17 @@ def test_add_of_a_missing_torrent_path_is_bad_request(api: RawClient, tmp_path: 
     assert code_of(reply) == "bad_request"
 
 
+@pytest.mark.parametrize("op", [None, 5, ["ping"]], ids=["missing", "number", "list"])
+def test_a_line_with_no_op_is_answered_with_id_null(api: RawClient, op: object) -> None:
+    request: dict[str, object] = {"id": 77}
+    if op is not None:
+        request["op"] = op
+    api.send_raw(json.dumps(request).encode() + b"\n")
+    reply = api.read_reply()
+    assert reply == {"id": None, "ok": False, "error": reply["error"]}
+    assert reply["error"]["code"] == "bad_request"
+
+
 def test_add_of_a_file_that_is_no_torrent_tells_nothing_of_its_content(
     api: RawClient, tmp_path: Path
 ) -> None:
