@@ -120,13 +120,19 @@ async def _pet_watchdog(session: Session, healthy_age: float) -> None:
     interval = systemd.watchdog_interval()
     if interval is None:
         return
+    healthy = True
     while True:
         with anyio.move_on_after(interval):
             stats = await session.stats()
-            if stats.heartbeat_age is not None and stats.heartbeat_age < healthy_age:
+            now_healthy = stats.heartbeat_age is not None and stats.heartbeat_age < healthy_age
+            if now_healthy:
                 systemd.notify("WATCHDOG=1")
-            else:
-                log.warning("not petting the watchdog: the libtorrent worker is not answering")
+            if now_healthy != healthy:  # said once a change, not at every interval
+                if now_healthy:
+                    log.info("the libtorrent worker answers again: petting the watchdog")
+                else:
+                    log.warning("not petting the watchdog: the libtorrent worker is not answering")
+                healthy = now_healthy
         await anyio.sleep(interval)
 
 
