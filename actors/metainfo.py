@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from supervisor.errors import InvalidMagnet, InvalidTorrent
@@ -93,45 +94,68 @@ class _Decoder:
 
 def bdecode(data: bytes) -> object:
     """Decodes bencoded `data` (dicts keyed by bytes); raises `InvalidTorrent`."""
+    return _decode(data).value
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    value: object
+    info_span: tuple[int, int] | None
+
+
+def _decode(data: bytes) -> _Decoded:
     decoder = _Decoder(data)
     value = decoder.value(0)
     if decoder.pos != len(data):
         raise decoder.fail("trailing bytes")
-    return value
+    return _Decoded(value, decoder.info_span)
 
 
-def torrent_info_hash(data: bytes) -> str:
-    """The info hash of a .torrent as lowercase hex: SHA-1 for v1 and hybrid, SHA-256 for v2-only.
+@dataclass(frozen=True)
+class TorrentSummary:
+    """What dlkeeper reads of a .torrent, from one decoding of it."""
+
+    info_hash: str
+    name: str
+    files: list[tuple[str, int]]
+
+
+def read_torrent(data: bytes) -> TorrentSummary:
+    """The info hash (SHA-1 for v1 and hybrid, SHA-256 for v2-only, lowercase hex), the name and
+    the files (see `torrent_files`) of a .torrent.
 
     Raises `InvalidTorrent` for anything that is not a bencoded dictionary with an `info`
-    dictionary holding a name and pieces (v1) or a file tree (v2).
+    dictionary holding a name and pieces (v1) or a file tree (v2), and files.
     """
-    decoder = _Decoder(data)
-    root = decoder.value(0)
-    if decoder.pos != len(data):
-        raise decoder.fail("trailing bytes")
-    if not isinstance(root, dict) or decoder.info_span is None:
+    decoded = _decode(data)
+    root = decoded.value
+    if not isinstance(root, dict) or decoded.info_span is None:
         raise InvalidTorrent("not a valid .torrent: no info dictionary")
     info = root[b"info"]
     if not isinstance(info, dict) or not isinstance(info.get(b"name"), bytes):
         raise InvalidTorrent("not a valid .torrent: the info dictionary has no name")
-    start, end = decoder.info_span
+    start, end = decoded.info_span
     if isinstance(info.get(b"pieces"), bytes):
-        return hashlib.sha1(data[start:end]).hexdigest()
-    if isinstance(info.get(b"file tree"), dict):
-        return hashlib.sha256(data[start:end]).hexdigest()
-    raise InvalidTorrent("not a valid .torrent: the info dictionary has no pieces")
+        info_hash = hashlib.sha1(data[start:end]).hexdigest()
+    elif isinstance(info.get(b"file tree"), dict):
+        info_hash = hashlib.sha256(data[start:end]).hexdigest()
+    else:
+        raise InvalidTorrent("not a valid .torrent: the info dictionary has no pieces")
+    name = info[b"name"].decode("utf-8", "replace")
+    return TorrentSummary(info_hash, name, _files(info, name))
+
+
+def torrent_info_hash(data: bytes) -> str:
+    """The info hash of a .torrent (see `read_torrent`); raises `InvalidTorrent`."""
+    return read_torrent(data).info_hash
 
 
 def torrent_name(data: bytes) -> str:
     """The name in a .torrent's info dictionary (invalid UTF-8 replaced), or "" if unreadable."""
     try:
-        root = bdecode(data)
+        return read_torrent(data).name
     except InvalidTorrent:
         return ""
-    info = root.get(b"info") if isinstance(root, dict) else None
-    name = info.get(b"name") if isinstance(info, dict) else None
-    return name.decode("utf-8", "replace") if isinstance(name, bytes) else ""
 
 
 def torrent_files(data: bytes) -> list[tuple[str, int]]:
@@ -140,21 +164,22 @@ def torrent_files(data: bytes) -> list[tuple[str, int]]:
     Paths start with the torrent's name for multi-file torrents, as libtorrent reports them.
     Raises `InvalidTorrent`.
     """
-    root = bdecode(data)
-    info = root.get(b"info") if isinstance(root, dict) else None
-    if not isinstance(info, dict) or not isinstance(info.get(b"name"), bytes):
-        raise InvalidTorrent("not a valid .torrent: no info dictionary with a name")
-    name = info[b"name"].decode("utf-8", "replace")
-    if isinstance(info.get(b"files"), list):  # v1 or hybrid, several files
+    return read_torrent(data).files
+
+
+def _files(info: dict[bytes, object], name: str) -> list[tuple[str, int]]:
+    listed = info.get(b"files")
+    if isinstance(listed, list):  # v1 or hybrid, several files
         files = []
-        for entry in info[b"files"]:
+        for entry in listed:
             if not isinstance(entry, dict) or b"p" in entry.get(b"attr", b""):
                 continue
             parts = [part.decode("utf-8", "replace") for part in entry.get(b"path", [])]
             files.append(("/".join([name, *parts]), int(entry.get(b"length", 0))))
         return files
-    if isinstance(info.get(b"length"), int):  # v1 or hybrid, one file
-        return [(name, info[b"length"])]
+    length = info.get(b"length")
+    if isinstance(length, int):  # v1 or hybrid, one file
+        return [(name, length)]
     tree = info.get(b"file tree")
     if isinstance(tree, dict):  # v2 only
         leaves: list[tuple[str, int]] = []

@@ -24,7 +24,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.atomic import write_file_atomically
-from actors.metainfo import magnet_info_hash, torrent_files, torrent_info_hash, torrent_name
+from actors.metainfo import magnet_info_hash, read_torrent
 from actors.persistence import Persistence
 from actors.session import Session, read_small_file
 from actors.state import (
@@ -423,8 +423,8 @@ def _read_torrent_path(name: str) -> bytes:
 
 
 def _torrent_source(data: bytes) -> _Source:
-    info_hash = torrent_info_hash(data)
-    return _Source(info_hash, data, None, torrent_name(data) or info_hash, torrent_files(data))
+    torrent = read_torrent(data)  # one decoding: it takes seconds for a torrent of many files
+    return _Source(torrent.info_hash, data, None, torrent.name or torrent.info_hash, torrent.files)
 
 
 def _keep_torrent(path: Path, data: bytes) -> None:
