@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,8 +12,8 @@ import pytest
 
 from actors.state import MigrationContext
 from actors.statefile import StateStore
+from tests.daemons import Daemon, running_daemon, write_config
 from tests.records import make_record
-from tests.swarm import LOOPBACK_SETTINGS
 
 DEADLINE = 20.0
 
@@ -30,58 +29,6 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def loopback_config(directory: Path, library: Path, **libtorrent: str | int | bool) -> Path:
-    """A config file for a daemon that only ever touches 127.0.0.1."""
-    settings = {**LOOPBACK_SETTINGS, **libtorrent}
-    lines = [
-        f'library_path = "{library}"',
-        f'socket = "{library / "api.sock"}"',
-        "",
-        "[libtorrent]",
-    ]
-    lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "dlkeeper.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _toml(value: str | int | bool) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else str(value)
-
-
-class Daemon:
-    """`dlkeeper serve` in a child process, stopped (and if need be killed) on exit."""
-
-    def __init__(self, library: Path) -> None:
-        config = loopback_config(library.parent, library)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", "--config", str(config)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def wait_running(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:  # the daemon logs to stderr; the pipe has a deadline via
-            if "dlkeeper running" in line:  # pytest-timeout, and EOF ends the loop if it dies
-                return
-        pytest.fail(f"daemon exited with {self.process.wait(DEADLINE)} before it was running")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(DEADLINE)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(DEADLINE)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     """A running daemon on a library that holds one download, `seeded-1`."""
@@ -89,12 +36,8 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     store.acquire_lock()
     store.write({"seeded-1": make_record("seeded-1")})
     store.release_lock()
-    running = Daemon(tmp_path / "library")
-    try:
-        running.wait_running()
+    with running_daemon(write_config(tmp_path / "etc", tmp_path / "library")) as running:
         yield running
-    finally:
-        running.kill()
 
 
 def test_dlkeeper_help_lists_serve() -> None:
@@ -133,7 +76,7 @@ def test_serve_with_an_unknown_flag_exits_2() -> None:
 
 
 def test_unknown_libtorrent_setting_exits_2_naming_the_key(tmp_path: Path) -> None:
-    config = loopback_config(tmp_path, tmp_path / "library", no_such_setting=1)
+    config = write_config(tmp_path, tmp_path / "library", libtorrent={"no_such_setting": 1})
     result = run("-m", "supervisor", "serve", "--config", str(config))
     assert result.returncode == 2
     assert (
@@ -146,7 +89,7 @@ def test_unknown_libtorrent_setting_exits_2_naming_the_key(tmp_path: Path) -> No
 def test_second_daemon_on_the_same_library_exits_3_naming_the_lock(
     tmp_path: Path, daemon: Daemon
 ) -> None:
-    config = loopback_config(tmp_path / "second", tmp_path / "library")
+    config = write_config(tmp_path / "second", tmp_path / "library")
     result = run("-m", "supervisor", "serve", "--config", str(config))
     assert result.returncode == 3
     lock = tmp_path / "library" / "data" / "downloads.json.lock"
