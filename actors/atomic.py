@@ -1,11 +1,15 @@
-"""Crash-safe file writes: temporary file, fsync, rename, fsync of the folder."""
+"""Careful file I/O: crash-safe writes (temporary file, fsync, rename, fsync of the folder),
+and reads of small files that never block on a FIFO or a device."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from supervisor.errors import DlkeeperError
 
 TEMP_PREFIX = ".dlkeeper."
 TEMP_SUFFIX = ".tmp"
@@ -47,3 +51,18 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; never blocks on a FIFO or device."""
+    with open(path, "rb", opener=_open_nonblocking) as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise DlkeeperError(f"{path} is not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise DlkeeperError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)

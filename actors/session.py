@@ -23,7 +23,6 @@ import math
 import os
 import signal
 import socket
-import stat
 import sys
 import time
 from collections import deque
@@ -38,7 +37,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import ValidationError
 
-from actors.atomic import write_file_atomically
+from actors.atomic import read_small_file, write_file_atomically
 from actors.metainfo import torrent_info_hash, torrent_name
 from actors.persistence import Persistence
 from actors.state import ACTIVE_STATUSES, MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
@@ -756,21 +755,6 @@ class _Flush:
     """A marker in the worker's event queue: `done` is set when the handler reaches it."""
 
     done: anyio.Event = field(default_factory=anyio.Event)
-
-
-def read_small_file(path: Path, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; never blocks on a FIFO or device."""
-    with open(path, "rb", opener=_open_nonblocking) as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise DlkeeperError(f"{path} is not a regular file")
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise DlkeeperError(f"{path} is larger than {limit} bytes")
-    return data
-
-
-def _open_nonblocking(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NONBLOCK)
 
 
 async def resolve_peers(peers: tuple[str, ...]) -> tuple[str, ...]:

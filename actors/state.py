@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from actors.atomic import read_small_file
 from actors.metainfo import magnet_info_hash, torrent_info_hash
 from supervisor.errors import DlkeeperError, StateTooNew
 
@@ -212,9 +213,7 @@ def _v0_info_hash(entry: dict[str, Any]) -> str | None:
     path = entry.get("torrent_file_path")
     if isinstance(path, str) and path:
         try:
-            torrent = Path(path)
-            if torrent.is_file() and torrent.stat().st_size <= MAX_TORRENT_BYTES:
-                return torrent_info_hash(torrent.read_bytes())
+            return torrent_info_hash(read_small_file(Path(path), MAX_TORRENT_BYTES))
         except (OSError, DlkeeperError) as exc:
             log.warning(
                 "v0 entry %s: cannot read info hash from %s: %s", entry.get("task_id"), path, exc

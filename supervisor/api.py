@@ -23,10 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from actors.atomic import write_file_atomically
+from actors.atomic import read_small_file, write_file_atomically
 from actors.metainfo import magnet_info_hash, read_torrent
 from actors.persistence import Persistence
-from actors.session import Session, read_small_file
+from actors.session import Session
 from actors.state import (
     ACTIVE_STATUSES,
     MAX_TORRENT_BYTES,

@@ -3,9 +3,9 @@ libtorrent's live status when there is one, and the kept .torrent when there is 
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
+from actors.atomic import read_small_file
 from actors.metainfo import torrent_files
 from actors.state import MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
 from supervisor.errors import DlkeeperError
@@ -54,20 +54,19 @@ def kept_files(record: DownloadRecord) -> tuple[FileInfo, ...]:
     there is no readable copy (a magnet still fetching its metadata)."""
     if not record.torrent_file_path:
         return ()
-    path = Path(record.torrent_file_path)
-    with contextlib.suppress(OSError, DlkeeperError):
-        if path.stat().st_size <= MAX_TORRENT_BYTES:
-            files = torrent_files(path.read_bytes())
-            priorities = record.file_priorities
-            return tuple(
-                FileInfo(
-                    path=name,
-                    size=size,
-                    priority=priorities[index] if index < len(priorities) else DEFAULT_PRIORITY,
-                )
-                for index, (name, size) in enumerate(files)
-            )
-    return ()
+    try:
+        files = torrent_files(read_small_file(Path(record.torrent_file_path), MAX_TORRENT_BYTES))
+    except (OSError, DlkeeperError):
+        return ()
+    priorities = record.file_priorities
+    return tuple(
+        FileInfo(
+            path=name,
+            size=size,
+            priority=priorities[index] if index < len(priorities) else DEFAULT_PRIORITY,
+        )
+        for index, (name, size) in enumerate(files)
+    )
 
 
 def download_info(record: DownloadRecord, live: TorrentStatus | None) -> DownloadInfo:
