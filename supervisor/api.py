@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -390,22 +391,15 @@ class ApiService:
             return {}
 
 
+@dataclass(frozen=True, slots=True)
 class _Source:
-    __slots__ = ("files", "info_hash", "magnet", "name", "torrent")
+    """What an add downloads: its info hash, and its .torrent or its magnet."""
 
-    def __init__(
-        self,
-        info_hash: str,
-        torrent: bytes | None,
-        magnet: str | None,
-        name: str,
-        files: list[tuple[str, int]] | None,
-    ) -> None:
-        self.info_hash = info_hash
-        self.torrent = torrent
-        self.magnet = magnet
-        self.name = name
-        self.files = files
+    info_hash: str
+    torrent: bytes | None
+    magnet: str | None
+    name: str
+    files: list[tuple[str, int]] | None  # None until a magnet's metadata is known
 
 
 def _read_torrent_path(name: str) -> bytes:
