@@ -8,13 +8,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
 
 import anyio
 
@@ -259,10 +257,8 @@ def _client_command(args: argparse.Namespace) -> int:
 
 
 def _demo(*, keep: bool) -> int:
-    # Imported by name: the demo pulls in libtorrent and the test swarm, which no other command
-    # needs.
-    demo = importlib.import_module("supervisor.demo")
-    run_demo = cast("Callable[..., int]", demo.run_demo)
+    from supervisor.demo import run_demo  # noqa: PLC0415 (rich and the client: not for serve)
+
     return run_demo(keep=keep)
 
 
