@@ -44,7 +44,7 @@ from supervisor.client import (
 from supervisor.errors import DlkeeperError
 
 if TYPE_CHECKING:
-    from anyio.abc import Process
+    from anyio.abc import Process, UNIXDatagramSocket
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
@@ -375,7 +375,7 @@ class Demo:
         self.config = write_config(folder)
         self.daemon_number = 0
         self.daemon_log = folder.root / "daemon-1.log"
-        self.seeder: Process | None = None
+        self.daemon_started = 0.0
 
     def step(self, text: str) -> None:
         self.console.print(f"[green]✓[/] {text}", highlight=False)
@@ -385,7 +385,7 @@ class Demo:
             local_path=self.folder.notify_socket
         ) as notify:
             seeder_started = time.monotonic()
-            self.seeder = await self.children.start(
+            seeder = await self.children.start(
                 [
                     sys.executable,
                     *("-m", "supervisor.demo_swarm", str(self.folder.root)),
@@ -397,7 +397,7 @@ class Demo:
             )
             # The daemon starts while the seeder writes and hashes the payload.
             daemon = await self.start_daemon()
-            payload = await self.wait_seeder(self.seeder)
+            payload = await self.wait_seeder(seeder)
             self.findings.payload_ready = time.monotonic() - seeder_started
             self.step(
                 f"payload: {len(payload.files)} files, {payload.total_bytes / MiB:.0f} MiB, "
@@ -420,7 +420,7 @@ class Demo:
             finally:
                 _stop(progress)
             await self.stop(daemon)
-            await self.stop_seeder(self.seeder)
+            await self.stop_seeder(seeder)
         return self.findings
 
     # --- the seeder and the daemon --------------------------------------------------------------
@@ -463,9 +463,8 @@ class Demo:
             env={**os.environ, "NOTIFY_SOCKET": str(self.folder.notify_socket)},
         )
 
-    async def wait_ready(self, daemon: Process, notify: Any) -> float:
+    async def wait_ready(self, daemon: Process, notify: UNIXDatagramSocket) -> float:
         """Waits for READY=1 on the notify socket, as systemd does; the seconds it took."""
-
         ready_after: float | None = None
         with _deadline(STEP_TIMEOUT, "starting the daemon"):
             async with anyio.create_task_group() as tasks:
