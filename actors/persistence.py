@@ -11,7 +11,7 @@ is doing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -32,9 +32,11 @@ from supervisor.mailbox import Actor, ActorRef, Envelope, Reply, expect
 from supervisor.messages import (
     AckRecord,
     AddRecord,
+    AddRecordReply,
     GetPersistenceStats,
     GetRecord,
     GetSnapshot,
+    Message,
     PersistenceCommand,
     PersistenceStatsReply,
     RecordChanges,
@@ -51,17 +53,72 @@ _MAX_SETTLE_TURNS = 64
 _QUIET_TURNS = 2
 
 
-def apply_mutation(downloads: dict[str, DownloadRecord], mutation: StateMutation) -> DownloadRecord:
-    """Applies `mutation` to `downloads` in place and returns the record it concerns.
+class HashIndex:
+    """Which downloads hold each info hash, so an add's duplicate check is not a scan."""
+
+    def __init__(self, downloads: Mapping[str, DownloadRecord]) -> None:
+        self._owners: dict[str, set[str]] = {}
+        for record in downloads.values():
+            self.add(record)
+
+    def add(self, record: DownloadRecord) -> None:
+        if record.info_hash is not None:
+            self._owners.setdefault(record.info_hash, set()).add(record.task_id)
+
+    def discard(self, record: DownloadRecord) -> None:
+        if record.info_hash is None:
+            return
+        owners = self._owners.get(record.info_hash)
+        if owners is not None:
+            owners.discard(record.task_id)
+            if not owners:
+                del self._owners[record.info_hash]
+
+    def owner(self, info_hash: str | None) -> str | None:
+        """A download holding `info_hash` (the first by task_id when a hand-edited file has
+        several), or None."""
+        owners = self._owners.get(info_hash) if info_hash is not None else None
+        return min(owners) if owners else None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What a mutation did: the record it concerns, and whether that was there already (an
+    add that found its own download, so nothing changed)."""
+
+    record: DownloadRecord
+    existed: bool = False
+
+
+def apply_mutation(
+    downloads: dict[str, DownloadRecord],
+    mutation: StateMutation,
+    index: HashIndex | None = None,
+) -> Applied:
+    """Applies `mutation` to `downloads` in place (and to `index`, which must describe
+    `downloads`; made here when not given).
 
     Raises a `DlkeeperError` (and changes nothing) when the mutation is not allowed.
     """
+    index = index if index is not None else HashIndex(downloads)
     if isinstance(mutation, AddRecord):
         record = mutation.record
-        if record.task_id in downloads:
-            raise Duplicate(f"download {record.task_id} already exists", record.task_id)
+        current = downloads.get(record.task_id)
+        if current is not None:
+            if current.info_hash == record.info_hash:
+                return Applied(current, existed=True)
+            raise Duplicate(
+                f"task_id {record.task_id} is already the torrent {current.info_hash}",
+                record.task_id,
+            )
+        owner = index.owner(record.info_hash)
+        if owner is not None:
+            raise Duplicate(
+                f"the torrent {record.info_hash} is already the download {owner}", owner
+            )
         downloads[record.task_id] = record
-        return record
+        index.add(record)
+        return Applied(record)
     current = downloads.get(mutation.task_id)
     if current is None:
         raise NotFound(mutation.task_id)
@@ -70,21 +127,29 @@ def apply_mutation(downloads: dict[str, DownloadRecord], mutation: StateMutation
             raise StaleChange(current.task_id, current.status)
         updated = current.model_copy(update=mutation.changes.changed())
         downloads[mutation.task_id] = updated
-        return updated
+        index.discard(current)
+        index.add(updated)
+        return Applied(updated)
     if isinstance(mutation, AckRecord) and current.status not in FINISHED_STATUSES:
         raise BadRequest(
             f"download {current.task_id} is {current.status}; "
             "only completed or failed downloads can be acknowledged"
         )
     del downloads[mutation.task_id]
-    return current
+    index.discard(current)
+    return Applied(current)
 
 
 @dataclass
 class _Pending:
     mutation: StateMutation
     reply: Reply | None
-    record: DownloadRecord
+    applied: Applied
+
+    def answer(self) -> Message:
+        if isinstance(self.mutation, AddRecord):
+            return AddRecordReply(record=self.applied.record, existed=self.applied.existed)
+        return RecordReply(record=self.applied.record)
 
 
 class PersistenceActor(Actor[PersistenceCommand]):
@@ -96,6 +161,7 @@ class PersistenceActor(Actor[PersistenceCommand]):
         self._store = store
         self._committed: dict[str, DownloadRecord] = {}
         self._working: dict[str, DownloadRecord] = {}
+        self._index = HashIndex({})
         self._queued: list[_Pending] = []
         self._wake = anyio.Event()
         self._inbox_closed = False
@@ -112,6 +178,7 @@ class PersistenceActor(Actor[PersistenceCommand]):
             raise
         self._committed = downloads
         self._working = dict(downloads)
+        self._index = HashIndex(downloads)
 
     async def on_stop(self) -> None:
         await anyio.to_thread.run_sync(self._store.release_lock)
@@ -133,14 +200,19 @@ class PersistenceActor(Actor[PersistenceCommand]):
                 self._answer_read(command, reply)
             return
         try:
-            record = apply_mutation(self._working, command)
+            applied = apply_mutation(self._working, command, self._index)
         except DlkeeperError as error:
             if reply is None:
                 log.warning("persistence: %s refused: %s", command.kind, error)
             else:
                 reply.fail(error)
             return
-        self._queued.append(_Pending(command, reply, record))
+        pending = _Pending(command, reply, applied)
+        if applied.existed and self._committed.get(applied.record.task_id) is applied.record:
+            if reply is not None:
+                reply.send(pending.answer())  # already on disk: nothing to wait for
+            return
+        self._queued.append(pending)
         self._wake.set()
 
     def _answer_read(
@@ -192,7 +264,7 @@ class PersistenceActor(Actor[PersistenceCommand]):
             self._committed_mutations += len(batch)
             for pending in batch:
                 if pending.reply is not None:
-                    pending.reply.send(RecordReply(record=pending.record))
+                    pending.reply.send(pending.answer())
 
     async def _let_answered_callers_queue(self) -> None:
         # Callers answered by the previous write need a few scheduler turns to send their next
@@ -215,6 +287,7 @@ class PersistenceActor(Actor[PersistenceCommand]):
                 pending.reply.fail(error)
         # Back to what is on disk, then redo the mutations that arrived during the failed write.
         self._working = dict(self._committed)
+        self._index = HashIndex(self._working)
         later, self._queued = self._queued, []
         for pending in later:
             self._handle(pending.mutation, pending.reply)
@@ -238,9 +311,12 @@ class Persistence:
         self.ref = ref
         self._timeout = timeout
 
-    async def add(self, record: DownloadRecord) -> DownloadRecord:
-        """Saves a new download; returns once it is on disk."""
-        return await self._record(AddRecord(record=record))
+    async def add(self, record: DownloadRecord) -> AddRecordReply:
+        """Saves a new download; returns once it is on disk. A download already saved under
+        this task_id with the same info hash is returned as it is (`existed`); see `AddRecord`
+        for the `Duplicate` refusals."""
+        reply = await self.ref.ask(AddRecord(record=record), timeout=self._timeout)
+        return expect(reply, AddRecordReply)
 
     async def update(
         self,

@@ -510,23 +510,23 @@ class SessionActor(Actor[SessionCommand]):
             pass
         except (OSError, DlkeeperError) as exc:
             log.warning("download %s: %s ignored: %s", record.task_id, resume_path, _reason(exc))
-        return _Sources(torrent, resume, problem)
+        return _Sources(_b64(torrent), _b64(resume), problem)
 
     async def _add(self, worker: WorkerProcess, record: DownloadRecord, sources: _Sources) -> None:
-        if sources.torrent is None and not record.magnet_link:
+        if sources.torrent_b64 is None and not record.magnet_link:
             raise InvalidTorrent(sources.problem or "it has neither a .torrent nor a magnet link")
         if sources.problem:
             log.warning("download %s: %s; using its magnet link", record.task_id, sources.problem)
         peers = await resolve_peers(record.peers)
         self._forgotten.discard(record.task_id)
 
-        def add_from(torrent: bytes | None) -> Callable[[int], AddTorrent]:
+        def add_from(torrent_b64: str | None) -> Callable[[int], AddTorrent]:
             return lambda request_id: AddTorrent(
                 id=request_id,
                 task_id=record.task_id,
-                torrent_b64=_b64(torrent),
-                magnet=record.magnet_link if torrent is None else None,
-                resume_b64=_b64(sources.resume),
+                torrent_b64=torrent_b64,
+                magnet=record.magnet_link if torrent_b64 is None else None,
+                resume_b64=sources.resume_b64,
                 save_path=record.save_path,
                 file_priorities=record.file_priorities,
                 paused=record.status is DownloadStatus.PAUSED,
@@ -534,9 +534,9 @@ class SessionActor(Actor[SessionCommand]):
             )
 
         try:
-            await worker.request(add_from(sources.torrent), self._options.request_timeout)
+            await worker.request(add_from(sources.torrent_b64), self._options.request_timeout)
         except InvalidTorrent:
-            if sources.torrent is None or not record.magnet_link:
+            if sources.torrent_b64 is None or not record.magnet_link:
                 raise
             log.warning("download %s: its .torrent is invalid; using its magnet", record.task_id)
             await worker.request(add_from(None), self._options.request_timeout)
@@ -651,7 +651,10 @@ class SessionActor(Actor[SessionCommand]):
     async def _execute_on(self, worker: WorkerProcess, command: SessionCommand) -> Message:
         timeout = self._options.request_timeout
         if isinstance(command, StartDownload):
-            sources = await anyio.to_thread.run_sync(self._read_source, command.record)
+            if command.fresh:
+                sources = _Sources(command.torrent_b64, None, None)
+            else:
+                sources = await anyio.to_thread.run_sync(self._read_source, command.record)
             await self._add(worker, command.record, sources)
         elif isinstance(command, GetDownloadStatus):
             result = await worker.request(
@@ -745,8 +748,11 @@ class SessionActor(Actor[SessionCommand]):
 
 @dataclass(frozen=True)
 class _Sources:
-    torrent: bytes | None
-    resume: bytes | None
+    """A download's .torrent and resume data as the worker takes them (base64), and why its
+    .torrent could not be used, if so."""
+
+    torrent_b64: str | None
+    resume_b64: str | None
     problem: str | None
 
 
@@ -801,8 +807,13 @@ class Session:
         """Returns once the first worker is up and every persisted download is in it."""
         await self.ref.ask(AwaitReplayed(), timeout=timeout)
 
-    async def start(self, record: DownloadRecord) -> None:
-        await self.ref.ask(StartDownload(record=record), timeout=self._timeout)
+    async def start(
+        self, record: DownloadRecord, *, fresh: bool = False, torrent: bytes | None = None
+    ) -> None:
+        """Puts a saved download into the session. `fresh`: it was just added, with `torrent`
+        (the bytes of its .torrent copy) or a magnet, and has no resume data yet."""
+        command = StartDownload(record=record, fresh=fresh, torrent_b64=_b64(torrent))
+        await self.ref.ask(command, timeout=self._timeout)
 
     async def pause(self, task_id: str) -> None:
         await self.ref.ask(PauseDownload(task_id=task_id), timeout=self._timeout)

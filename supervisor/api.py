@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import re
 import time
 import uuid
@@ -50,6 +51,7 @@ from supervisor.errors import (
     UnknownOp,
 )
 from supervisor.messages import (
+    AddRecordReply,
     AddResult,
     ApiModel,
     DownloadAddedEvent,
@@ -124,10 +126,8 @@ class ApiService:
         self._bus = bus
         self._started = time.monotonic()
         self._download_root = config.download_path.resolve()  # resolved once, not per add
-        # Adds between their checks and their write: two concurrent adds of one torrent (or
-        # of one task_id) must not both pass. Only the check is serialised, not the writes.
-        self._adding_ids: dict[str, str] = {}
-        self._adding_hashes: dict[str, str] = {}
+        # The task_ids of .torrent adds between the claim of their copy's name and their save.
+        self._adding_torrents: set[str] = set()
         self._ops: dict[str, tuple[type[Params], Callable[[Any], Awaitable[ApiModel]]]] = {
             "ping": (NoParams, self.ping),
             "add": (AddParams, self.add),
@@ -166,14 +166,6 @@ class ApiService:
     async def add(self, params: AddParams) -> AddResult:
         source = await self._source(params)
         task_id = params.task_id or uuid.uuid4().hex[:16]
-        existing = await self._existing(task_id)
-        if existing is not None:
-            if existing.info_hash == source.info_hash:
-                info = await self._info(existing)  # a retried add: the download it made
-                return AddResult(task_id=task_id, info_hash=source.info_hash, status=info.status)
-            raise Duplicate(
-                f"task_id {task_id} is already the torrent {existing.info_hash}", task_id
-            )
         save_path = self._save_path(params.save_path)
         priorities = tuple(params.file_priorities or ())
         if source.files is not None and priorities and len(priorities) != len(source.files):
@@ -185,33 +177,64 @@ class ApiService:
         for peer in peers:
             if not _PEER.match(peer) or not 0 < int(peer.rpartition(":")[2]) < 65536:
                 raise BadRequest(f"peers: {peer!r} is not host:port")
-        await self._reserve(task_id, source.info_hash)
-        try:
-            torrent_path = None
-            if source.torrent is not None:
-                path = self._config.torrents_dir / f"{task_id}.torrent"
-                await anyio.to_thread.run_sync(_keep_torrent, path, source.torrent)
-                torrent_path = str(path)
-            record = DownloadRecord(
-                task_id=task_id,
-                name=params.name or source.name,
-                info_hash=source.info_hash,
-                created_at=datetime.now(UTC),
-                status=DownloadStatus.PAUSED if params.paused else DownloadStatus.QUEUED,
-                magnet_link=source.magnet,
-                torrent_file_path=torrent_path,
-                save_path=str(save_path),
-                file_priorities=priorities,
-                peers=peers,
-                torrent_metadata=params.torrent_metadata or {},
-                validation_metadata=params.validation_metadata or {},
-            )
-            await self._persistence.add(record)
-        finally:
-            self._release(task_id, source.info_hash)
-        await self._start(record)
+        if task_id in self._adding_torrents:
+            raise Duplicate(f"task_id {task_id} is being added right now", task_id)
+        record = DownloadRecord(
+            task_id=task_id,
+            name=params.name or source.name,
+            info_hash=source.info_hash,
+            created_at=datetime.now(UTC),
+            status=DownloadStatus.PAUSED if params.paused else DownloadStatus.QUEUED,
+            magnet_link=source.magnet,
+            torrent_file_path=None if source.torrent is None else str(self._kept_path(task_id)),
+            save_path=str(save_path),
+            file_priorities=priorities,
+            peers=peers,
+            torrent_metadata=params.torrent_metadata or {},
+            validation_metadata=params.validation_metadata or {},
+        )
+        if source.torrent is None:
+            added = await self._persistence.add(record)  # checked for duplicates there
+        else:
+            added = await self._add_with_torrent(record, source.torrent)
+        if added.existed:  # a retried add: the download it made
+            info = await self._info(added.record)
+            return AddResult(task_id=task_id, info_hash=source.info_hash, status=info.status)
+        record = added.record
+        await self._start(record, source.torrent)
         self._bus.publish(lambda seq: DownloadAddedEvent(seq=seq, task_id=task_id))
         return AddResult(task_id=task_id, info_hash=source.info_hash, status=record.status.value)
+
+    async def _add_with_torrent(self, record: DownloadRecord, torrent: bytes) -> AddRecordReply:
+        """Keeps the .torrent copy, then saves the record that names it (never the other way
+        round: a saved download always has its copy). The copy is named by the task_id, so
+        the task_id is claimed first: no other add can write that name meanwhile, and a saved
+        download's copy is never overwritten."""
+        task_id = record.task_id
+        try:
+            existing: DownloadRecord | None = await self._persistence.get(task_id)
+        except NotFound:
+            existing = None
+        if existing is not None:
+            if existing.info_hash != record.info_hash:
+                raise Duplicate(
+                    f"task_id {task_id} is already the torrent {existing.info_hash}", task_id
+                )
+            return AddRecordReply(record=existing, existed=True)
+        if task_id in self._adding_torrents:  # checked again: the get above awaited
+            raise Duplicate(f"task_id {task_id} is being added right now", task_id)
+        self._adding_torrents.add(task_id)
+        try:
+            path = self._kept_path(task_id)
+            await anyio.to_thread.run_sync(_keep_torrent, path, torrent)
+            try:
+                return await self._persistence.add(record)
+            except Duplicate:
+                # The torrent is another download's: the copy just written is nobody's.
+                await anyio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
+                raise
+        finally:
+            self._adding_torrents.discard(task_id)
 
     async def get(self, params: TaskParams) -> DownloadInfo:
         return await self._info(await self._persistence.get(params.task_id))
@@ -313,33 +336,8 @@ class ApiService:
         # Decoding a .torrent of many files takes seconds of pure Python: not on the event loop.
         return await anyio.to_thread.run_sync(_torrent_source, data)
 
-    async def _existing(self, task_id: str) -> DownloadRecord | None:
-        try:
-            return await self._persistence.get(task_id)
-        except NotFound:
-            return None
-
-    async def _reserve(self, task_id: str, info_hash: str) -> None:
-        """Claims the task_id and the torrent for this add, or raises `Duplicate`."""
-        if task_id in self._adding_ids:
-            raise Duplicate(f"task_id {task_id} is being added right now", task_id)
-        if info_hash in self._adding_hashes:
-            adding = self._adding_hashes[info_hash]
-            raise Duplicate(f"the torrent {info_hash} is being added as {adding}", adding)
-        self._adding_ids[task_id] = info_hash
-        self._adding_hashes[info_hash] = task_id
-        records = await self._persistence.snapshot()  # claimed first: no await in a gap
-        owner: str | None = task_id if task_id in records else None
-        owner = owner or next(
-            (r.task_id for r in records.values() if r.info_hash == info_hash), None
-        )
-        if owner is not None:
-            self._release(task_id, info_hash)
-            raise Duplicate(f"the torrent {info_hash} is already the download {owner}", owner)
-
-    def _release(self, task_id: str, info_hash: str) -> None:
-        self._adding_ids.pop(task_id, None)
-        self._adding_hashes.pop(info_hash, None)
+    def _kept_path(self, task_id: str) -> Path:
+        return self._config.torrents_dir / f"{task_id}.torrent"
 
     def _save_path(self, requested: str | None) -> Path:
         root = self._download_root
@@ -353,9 +351,9 @@ class ApiService:
             raise PathNotAllowed(f"save_path {requested} is not inside {root}")
         return resolved
 
-    async def _start(self, record: DownloadRecord) -> None:
+    async def _start(self, record: DownloadRecord, torrent: bytes | None) -> None:
         try:
-            await self._session.start(record)
+            await self._session.start(record, fresh=True, torrent=torrent)
         except NotReady:
             pass  # saved: the replay into the next worker adds it
         except DlkeeperError:

@@ -51,7 +51,10 @@ class RecordChanges(Message):
 
 
 class AddRecord(Message):
-    """Persist a new download. Fails with `duplicate` when the task_id exists."""
+    """Persist a new download, checked in the same step against every saved one: when its
+    task_id exists with the same info hash, the existing download is the answer (a retried add,
+    `existed` set); `duplicate` when the task_id is another torrent's, or when the info hash is
+    another download's (the error names that download)."""
 
     kind: Literal["add_record"] = "add_record"
     record: DownloadRecord
@@ -102,6 +105,14 @@ class RecordReply(Message):
 
     kind: Literal["record_reply"] = "record_reply"
     record: DownloadRecord
+
+
+class AddRecordReply(Message):
+    """The download as saved; `existed` when it was there already (nothing was added)."""
+
+    kind: Literal["add_record_reply"] = "add_record_reply"
+    record: DownloadRecord
+    existed: bool
 
 
 class SnapshotReply(Message):
@@ -350,6 +361,10 @@ class StartDownload(Message):
 
     kind: Literal["start_download"] = "start_download"
     record: DownloadRecord
+    # A download just added: it has no resume data yet, and `torrent_b64` is the .torrent just
+    # kept for it (None for a magnet), so nothing needs reading back from disk.
+    fresh: bool = False
+    torrent_b64: str | None = None
 
 
 class PauseDownload(Message):

@@ -120,7 +120,7 @@ async def _mutate_forever(
         if task_id not in owned:
             record = _new_record(rng, task_id)
             report({**intent, "op": "add", "record": record.model_dump(mode="json")})
-            owned[task_id] = await persistence.add(record)
+            owned[task_id] = (await persistence.add(record)).record
         elif rng.random() < REMOVE_CHANCE:
             report({**intent, "op": "remove"})
             await persistence.remove(task_id)

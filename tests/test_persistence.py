@@ -133,14 +133,67 @@ async def test_a_saved_change_is_read_back_by_its_caller(store: StateStore) -> N
 # --- refusals change nothing ---------------------------------------------------------------------
 
 
-async def test_adding_an_existing_task_id_is_a_duplicate_naming_it(store: StateStore) -> None:
+async def test_adding_an_existing_task_id_as_another_torrent_is_a_duplicate_naming_it(
+    store: StateStore,
+) -> None:
     async with running(store) as persistence:
         await persistence.add(make_record("a"))
         with pytest.raises(Duplicate) as caught:
-            await persistence.add(make_record("a", progress=0.9))
+            await persistence.add(make_record("a", info_hash="f" * 40, progress=0.9))
         assert caught.value.task_id == "a"
         assert (await persistence.get("a")).progress == 0.0
         assert (await persistence.stats()).writes == 1
+
+
+async def test_adding_a_torrent_another_download_has_is_a_duplicate_naming_that_one(
+    store: StateStore,
+) -> None:
+    async with running(store) as persistence:
+        await persistence.add(make_record("first", info_hash="e" * 40))
+        with pytest.raises(Duplicate) as caught:
+            await persistence.add(make_record("second", info_hash="e" * 40))
+        assert caught.value.task_id == "first"
+        assert set(on_disk(store)) == {"first"}
+        assert (await persistence.stats()).writes == 1
+
+
+async def test_adding_the_same_download_again_returns_the_saved_one_without_a_write(
+    store: StateStore,
+) -> None:
+    async with running(store) as persistence:
+        saved = (await persistence.add(make_record("a"))).record
+        again = await persistence.add(make_record("a", progress=0.9))
+        assert again.existed
+        assert again.record == saved
+        assert (await persistence.stats()).writes == 1
+
+
+async def test_a_torrent_is_free_again_once_its_download_is_removed(store: StateStore) -> None:
+    async with running(store) as persistence:
+        await persistence.add(make_record("old", info_hash="d" * 40))
+        await persistence.remove("old")
+        added = await persistence.add(make_record("new", info_hash="d" * 40))
+        assert not added.existed
+        assert set(on_disk(store)) == {"new"}
+
+
+async def test_concurrent_adds_of_one_torrent_save_exactly_one(store: StateStore) -> None:
+    outcomes: list[str] = []
+
+    async def add(task_id: str) -> None:
+        try:
+            await persistence.add(make_record(task_id, info_hash="c" * 40))
+            outcomes.append(task_id)
+        except Duplicate as exc:
+            outcomes.append(f"duplicate of {exc.task_id}")
+
+    async with running(store) as persistence, anyio.create_task_group() as task_group:
+        for number in range(20):
+            task_group.start_soon(add, f"t{number}")
+    winners = [outcome for outcome in outcomes if not outcome.startswith("duplicate")]
+    assert len(winners) == 1
+    assert outcomes.count(f"duplicate of {winners[0]}") == 19
+    assert set(on_disk(store)) == {winners[0]}
 
 
 async def test_changing_an_unknown_download_is_not_found(store: StateStore) -> None:
