@@ -482,11 +482,19 @@ class DlkeeperClient:
         self._closed = True
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
+        own: BaseException | None = None
         try:
             return await self._task_group.__aexit__(exc_type, exc, traceback)
+        except BaseExceptionGroup as group:
+            # The task group wraps what the `async with` block raised; a caller's
+            # `except DaemonUnavailable` must see it as raised, not inside a group.
+            if exc is None or _leaves(group) != [exc]:
+                raise
+            own = exc
         finally:
             self._events_send.close()
             self._events_receive.close()
+        raise own  # outside the handler: the group does not become its context
 
     # --- the operations -------------------------------------------------------------------------
 
@@ -799,6 +807,13 @@ class _EventIterator:
 
     async def __anext__(self) -> ApiEvent:
         return await self._client._next_event()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for member in group.exceptions:
+        leaves.extend(_leaves(member) if isinstance(member, BaseExceptionGroup) else [member])
+    return leaves
 
 
 def _parse(model: type[M], result: dict[str, Any], op: str) -> M:

@@ -490,6 +490,17 @@ async def test_call_without_a_daemon_raises_daemon_unavailable_naming_the_socket
     assert raised.value.socket_path == socket_path
 
 
+async def test_an_error_leaving_the_client_block_is_raised_as_itself_not_in_a_group(
+    socket_path: Path,
+) -> None:
+    # What a bot writes: `except DaemonUnavailable` around the whole `async with`.
+    with anyio.fail_after(TEST_DEADLINE), pytest.raises(DaemonUnavailable) as raised:
+        async with DlkeeperClient(socket_path, connect_timeout=0.3) as client:
+            await client.ping()
+
+    assert raised.value.socket_path == socket_path
+
+
 async def test_connection_closed_mid_request_fails_the_call_promptly(socket_path: Path) -> None:
     with anyio.fail_after(TEST_DEADLINE):
         async with (
