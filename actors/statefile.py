@@ -263,6 +263,26 @@ class StateStore:
         if not self._lock.is_locked:
             raise StateError(f"the state lock {self.lock_path} is not held")
 
+    # --- for the recovery commands --------------------------------------------------------------
+
+    @property
+    def quarantine_path(self) -> Path:
+        """Where `dlkeeper-state repair` keeps the downloads it took out of the state."""
+        return self.directory / f"{STATE_FILE_NAME}.quarantine"
+
+    def set_aside(self, label: str) -> Path | None:
+        """Renames `downloads.json`, its bytes untouched, to `downloads.json.{label}-<UTC time>`
+        (a name not yet taken) before a recovery command replaces it; None when there is no
+        state file. The lock must be held."""
+        self._require_lock()
+        target = _unique(self.directory / f"{STATE_FILE_NAME}.{label}-{utc_stamp()}")
+        try:
+            self.path.rename(target)
+        except FileNotFoundError:
+            return None
+        fsync_directory(self.directory)
+        return target
+
 
 def _unique(path: Path) -> Path:
     """`path`, or `path-1`, `path-2`, ... so that a second quarantine in one second keeps both."""
