@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from actors.atomic import write_file_atomically
+from actors.atomic import read_small_file, write_file_atomically
 from actors.recovery import (
     LibraryPaths,
     Problem,
@@ -53,6 +53,8 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
+# A FILE given to `restore --from` is read only if it is a regular file below this size.
+_MAX_STATE_BYTES = 1024 * 1024 * 1024
 
 _EPILOG = (
     "Exit status: 0 done (check: no problems), 1 problems found or nothing done (the reason is "
@@ -261,7 +263,7 @@ def _check(library: _Library, *, as_json: bool) -> int:
     store = library.store
     problems: list[Problem] = []
     hints: list[str] = []
-    count = 0
+    count: int | None = None  # None: there are no downloads to count (no file, or unreadable)
     try:
         raw = store.path.read_bytes()
     except FileNotFoundError:
@@ -309,7 +311,8 @@ def _check(library: _Library, *, as_json: bool) -> int:
         sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         summary = _count(len(problems), "problem") if problems else "no problems"
-        print(f"{store.path}: {_count(count, 'download')}, {summary}")
+        counted = "" if count is None else f"{_count(count, 'download')}, "
+        print(f"{store.path}: {counted}{summary}")
         for problem in problems:
             print(f"  {problem}")
         for hint in hints:
@@ -335,8 +338,8 @@ def _recreate_hints(library: _Library) -> list[str]:
     found = sorted(torrents.glob("*.torrent")) + sorted(torrents.glob("*.fastresume"))
     if found:
         hints.append(
-            f"`dlkeeper-state rebuild` recreates the state from the {_count(len(found), 'file')} "
-            f"in {torrents}"
+            "`dlkeeper-state rebuild` recreates the state from the "
+            f"{_count(len(found), '.torrent/.fastresume file')} in {torrents}"
         )
     return hints
 
@@ -519,10 +522,12 @@ def _restore(library: _Library, source: Path | None) -> int:
     store = library.store
     source = source if source is not None else store.backup_path
     try:
-        raw = source.read_bytes()
+        raw = read_small_file(source, _MAX_STATE_BYTES)
     except FileNotFoundError:
         what = "no backup" if source == store.backup_path else "no file"
         raise _Refused(f"not restored: {what} at {source}") from None
+    except DlkeeperError as exc:  # not a regular file, or far too large to be a state file
+        raise _Refused(f"not restored: {exc}") from None
     try:
         decoded: DecodedState = decode_state(raw, source, library.context)
     except (CorruptState, StateTooNew) as exc:

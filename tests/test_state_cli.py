@@ -283,14 +283,16 @@ def test_check_reports_a_deleted_state_file_and_how_to_recover(
     assert status == 1
     assert f"no state file at {library.state_file}" in out
     assert "`dlkeeper-state restore` puts back the backup" in out
-    assert "`dlkeeper-state rebuild` recreates the state from the 1 file" in out
+    assert "`dlkeeper-state rebuild` recreates the state from the 1 .torrent/" in out
 
 
 def test_check_reports_a_garbage_state_file(library: Library) -> None:
     library.state_file.write_bytes(b"\x00\x17 not json at all")
     status, out, _ = library.run("check")
     assert status == 1
-    assert f"{library.state_file} does not load: not JSON" in out
+    assert out.startswith(
+        f"{library.state_file}: 1 problem\n  {library.state_file} does not load: not JSON"
+    )
 
 
 def test_check_reports_a_lost_torrent_that_leaves_a_download_unresumable(
