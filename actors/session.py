@@ -413,6 +413,7 @@ class SessionActor(Actor[SessionCommand]):
             )
         if not await self._replay(worker):
             return f"died during the replay ({worker.exit_reason})", False
+        self._last_heartbeat = time.monotonic()  # it has just answered every replayed add
         self._set_worker_ready(True)
         return await self._watch(worker), True
 

@@ -102,12 +102,15 @@ class StateStore:
         return self._lock.is_locked
 
     def acquire_lock(self) -> None:
-        """Takes the library's state lock, or raises `StateLocked` at once if another holds it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Takes the library's state lock, or raises `StateLocked` at once if another holds it
+        (`StateError` when the state folder cannot be made or written)."""
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=0)
         except filelock.Timeout:
             raise StateLocked(self.lock_path) from None
+        except OSError as exc:
+            raise StateError(f"cannot use the state folder {self.directory}: {exc}") from None
 
     def release_lock(self) -> None:
         self._lock.release()

@@ -57,7 +57,10 @@ async def run_daemon(config: Config) -> None:
                 persistence = Persistence(await actors.start(PersistenceActor(store)))
                 # 3. Start the libtorrent worker and replay every queued, downloading and
                 #    paused download into it. What libtorrent reports meanwhile waits in `events`.
-                config.torrents_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    config.torrents_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise DlkeeperError(f"cannot use download_path: {exc}") from None
                 publish, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
                 options = session_options(config)
                 session_actor = SessionActor(options, persistence, publish)

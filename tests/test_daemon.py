@@ -734,6 +734,30 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path, library: Library) -> 
     assert "libtorrent.no_such_setting" in result.stderr
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("folder", ["library_path", "download_path"])
+def test_a_folder_that_cannot_be_made_exits_1_in_one_line_naming_it(
+    tmp_path: Path, folder: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    library = tmp_path / "library"
+    unusable = blocker / "below"
+    keys = {"download_path": str(unusable)} if folder == "download_path" else {}
+    config = write_config(
+        tmp_path / "config", unusable if folder == "library_path" else library, **keys
+    )
+
+    result = serve(config)
+
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line or "dlkeeper:" in line]
+    assert any(str(unusable) in line and "Not a directory" in line for line in errors), (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 # --- systemd --------------------------------------------------------------------------------------
 
 
@@ -768,6 +792,8 @@ def test_systemd_hears_ready_watchdog_while_healthy_and_stopping(daemons: Daemon
     assert {message for _, message in healthy} == {"WATCHDOG=1"}
     gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(healthy)]
     assert 0.1 <= sorted(gaps)[len(gaps) // 2] <= 0.4, gaps
+    # Healthy from READY on: no false alarm before the first heartbeat of the new worker.
+    assert "not petting" not in daemon.log.read_text()
 
     # A hung worker: the daemon pings it every second and replaces it when a ping is 3 s
     # unanswered (actors/session.py); it stops petting once the last answer is 2.5 s old
