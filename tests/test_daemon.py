@@ -743,10 +743,10 @@ def test_a_folder_that_cannot_be_made_exits_1_in_one_line_naming_it(
     blocker.write_text("not a folder")
     library = tmp_path / "library"
     unusable = blocker / "below"
-    keys = {"download_path": str(unusable)} if folder == "download_path" else {}
-    config = write_config(
-        tmp_path / "config", unusable if folder == "library_path" else library, **keys
-    )
+    if folder == "library_path":
+        config = write_config(tmp_path / "config", unusable)
+    else:
+        config = write_config(tmp_path / "config", library, download_path=str(unusable))
 
     result = serve(config)
 
