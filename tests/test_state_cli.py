@@ -527,3 +527,26 @@ def test_a_bad_config_exits_2_with_one_line(library: Library, tmp_path: Path) ->
     assert status == 2
     assert err.startswith("dlkeeper-state: config error: shutdown_timeout:")
     assert len(err.splitlines()) == 1
+
+
+def test_the_daemon_resumes_a_state_rebuilt_after_losing_it_and_a_torrent(
+    tmp_path: Path, library: Library
+) -> None:
+    library.root = tmp_path / "media"
+    library.download_path = library.root / "downloads"
+    payload = make_payload(tmp_path / "elsewhere", "Sintel", {"a.mkv": 50_000, "b.srt": 700})
+    config = write_config(tmp_path / "etc", library.root, resume_save_interval=0.2)
+    with running_daemon(config) as daemon, daemon.client() as client:
+        torrent = base64.b64encode(payload.torrent).decode()
+        client.call("add", task_id="s1", torrent_b64=torrent, paused=True, file_priorities=[1, 0])
+        assert daemon.stop() == 0  # a clean stop saves the resume data
+    for lost in [*library.state_dir.glob("downloads.json*"), library.torrents_dir / "s1.torrent"]:
+        lost.unlink()
+    status, _, err = library.run("rebuild")
+    assert status == 0, err
+    with running_daemon(config) as daemon, daemon.client() as client:
+        info = client.call("get", task_id="s1")
+        stats = client.call("stats")
+    assert (info["status"], info["info_hash"]) == ("paused", payload.info_hash)
+    assert [f["priority"] for f in info["files"]] == [1, 0]
+    assert (stats["resumed_at_start"], stats["resume_failures"]) == (1, 0)
