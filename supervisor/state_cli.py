@@ -47,7 +47,13 @@ from actors.state import (
 from actors.statefile import StateStore, utc_stamp
 from supervisor.cli import add_path_flags, path_flags
 from supervisor.config import load_config
-from supervisor.errors import ConfigError, DlkeeperError, StateLocked, StateTooNew
+from supervisor.errors import (
+    ConfigError,
+    DlkeeperError,
+    StateError,
+    StateLocked,
+    StateTooNew,
+)
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -210,6 +216,8 @@ def _locked(store: StateStore) -> Iterator[None]:
         store.acquire_lock()
     except StateLocked as exc:
         raise _Refused(f"{exc}; stop the daemon first", EXIT_LOCKED) from None
+    except StateError as exc:  # the state folder cannot be made or written
+        raise _Refused(str(exc)) from None
     try:
         yield
     finally:

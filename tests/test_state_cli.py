@@ -550,3 +550,13 @@ def test_the_daemon_resumes_a_state_rebuilt_after_losing_it_and_a_torrent(
     assert (info["status"], info["info_hash"]) == ("paused", payload.info_hash)
     assert [f["priority"] for f in info["files"]] == [1, 0]
     assert (stats["resumed_at_start"], stats["resume_failures"]) == (1, 0)
+
+
+def test_a_state_folder_that_cannot_be_made_is_one_line_and_exit_1(library: Library) -> None:
+    blocker = library.root / "not-a-folder"
+    blocker.write_text("a file where the library should be")
+    library.root = blocker
+    status, _, err = library.run("rebuild")
+    assert status == 1
+    assert err.startswith(f"dlkeeper-state: cannot use the state folder {blocker / 'data'}:")
+    assert len(err.splitlines()) == 1
