@@ -4,13 +4,15 @@
 Output is a table for people (rich; plain text with no colour codes when it is not a terminal)
 or, with `--json`, the result the contract defines. Exit status: 0 done; 1 when the daemon is not
 running, does not answer, or refuses the request (one line on stderr, with the contract's error
-code); 130 on Ctrl-C, except for `watch`, whose Ctrl-C is its normal end (0).
+code); 130 on Ctrl-C, except for `watch`, whose Ctrl-C (or SIGTERM) is its normal end (0); 141,
+silently, when the reader of a pipe went away (`dlkeeper watch | head`).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
 import signal
 import sys
 import time
@@ -51,6 +53,7 @@ from supervisor.client import (
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 # A command run by hand should say at once that the daemon is down, not after the client's 10 s.
 CONNECT_TIMEOUT = 2.0
@@ -84,13 +87,28 @@ class CommandFailed(Exception):
     """A problem found here, before anything was sent (an unreadable .torrent file)."""
 
 
+class ReaderGone(Exception):
+    """The reader of stdout closed it (a pipe into `head`)."""
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's own raises SystemExit, which a task group then reports as a crash.
+        _silence_stdout()
+        raise ReaderGone
+
+
+def _silence_stdout() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 Handler = Callable[[DlkeeperClient, argparse.Namespace, Console], Awaitable[int]]
 
 
 def run_command(args: argparse.Namespace, socket_path: Path) -> int:
     """Runs the client command `args.command` against the daemon at `socket_path`; the exit
     status. User errors are one line on stderr, never a traceback."""
-    console = Console(highlight=False)
+    console = _Console(highlight=False)
     try:
         if args.command == "watch":
             return anyio.run(_watch, socket_path, args.interval, console)
@@ -98,6 +116,11 @@ def run_command(args: argparse.Namespace, socket_path: Path) -> int:
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED
     except BaseException as exc:
+        if any(isinstance(error, BrokenPipeError | ReaderGone) for error in _leaves(exc)):
+            # The reader went away (`dlkeeper watch | head`): end as quietly as `cat` would,
+            # with nothing left for Python to flush into the closed pipe at exit.
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
         problem = _problem(exc)
         if problem is None:
             raise

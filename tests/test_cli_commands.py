@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -379,6 +380,7 @@ class Output:
 
 @pytest.fixture
 def watcher(library: Library) -> Iterator[tuple[subprocess.Popen[bytes], Output]]:
+    """`dlkeeper watch` writing to a pipe; its output is read as it comes."""
     process = subprocess.Popen(
         [sys.executable, "-m", "supervisor", "watch", "--socket", str(library.socket)],
         stdout=subprocess.PIPE,
@@ -419,6 +421,32 @@ def test_watch_carries_on_across_a_daemon_sigkill_and_restart(
     assert process.wait(DEADLINE) == 0
     assert process.stderr is not None
     assert process.stderr.read() == b""
+
+
+def test_watch_ends_quietly_when_the_reader_of_its_pipe_goes_away(library: Library) -> None:
+    ok("add", fake_magnet("7a", "Piped"), "--paused", "--task-id", "pipe-1", socket=library.socket)
+    reader, writer = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "watch", "--socket", str(library.socket)],
+        stdout=writer, stderr=subprocess.PIPE, env={**os.environ, **PLAIN},
+    )  # fmt: skip
+    os.close(writer)
+    try:
+        read = b""
+        deadline = time.monotonic() + DEADLINE
+        while b"pipe-1  paused" not in read:
+            # Read here, not by an `Output` thread: a closed pipe must have no reader left.
+            ready, _, _ = select.select([reader], [], [], deadline - time.monotonic())
+            assert ready, f"no line for pipe-1 in {read!r}"
+            read += os.read(reader, 65536)
+        os.close(reader)  # `| head` has read enough; the next change is written to no one
+        ok("resume", "pipe-1", socket=library.socket)
+        assert process.wait(DEADLINE) == 128 + signal.SIGPIPE
+        assert process.stderr is not None
+        assert process.stderr.read() == b""
+    finally:
+        process.kill()
+        process.wait(DEADLINE)
 
 
 def test_watch_on_a_terminal_draws_a_bar_for_each_download(library: Library) -> None:
