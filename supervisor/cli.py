@@ -169,11 +169,20 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         dest="peers",
         help="a peer to connect to, kept across restarts (repeatable)",
     )
-    for name, summary in (("pause", "pause a download"), ("resume", "resume a paused download")):
-        action = command(
-            name, summary, f"{summary[0].upper()}{summary[1:]}; this lasts across daemon restarts."
-        )
-        action.add_argument("task_id", metavar="ID", help="the download's task id")
+    pause = command(
+        "pause",
+        "pause a download",
+        "Pause a download; it stays paused across daemon restarts until resumed. Prints its "
+        "new status (--json: the download, as `info --json` shows it).",
+    )
+    pause.add_argument("task_id", metavar="ID", help="the download's task id")
+    resume = command(
+        "resume",
+        "resume a paused download",
+        "Resume a paused download; it is queued, then downloads. Prints its new status "
+        "(--json: the download, as `info --json` shows it).",
+    )
+    resume.add_argument("task_id", metavar="ID", help="the download's task id")
     cancel = command(
         "cancel",
         "remove a download (its files stay unless --delete-files)",
