@@ -44,7 +44,7 @@ def live_status(record: DownloadRecord, live: TorrentStatus | None) -> LiveStatu
         return record.status.value  # type: ignore[return-value]
     if live.error:
         return "failed"
-    if live.paused and live.auto_managed and not live.finished:
+    if _held_in_queue(live):
         return "queued"
     return _LIVE_STATES.get(live.state, "downloading")
 
@@ -106,11 +106,20 @@ def download_info(record: DownloadRecord, live: TorrentStatus | None) -> Downloa
     )
 
 
+def _held_in_queue(live: TorrentStatus) -> bool:
+    return live.paused and live.auto_managed and not live.finished
+
+
 def _progress(record: DownloadRecord, live: TorrentStatus | None, *, loading: bool) -> float:
     if live is None:
         return record.progress
-    # While libtorrent still reads the resume data it reports 0: the saved progress is truer.
-    return max(live.progress, record.progress) if loading else live.progress
+    if live.state == "checking_files":
+        return record.progress  # libtorrent reports how far the check is, not the download
+    # While libtorrent still reads the resume data, or holds the download in its queue after a
+    # restart, it may report 0: the saved progress is truer.
+    if loading or _held_in_queue(live):
+        return max(live.progress, record.progress)
+    return live.progress
 
 
 def completed_event(record: DownloadRecord, seq: int) -> DownloadCompletedEvent:

@@ -534,10 +534,13 @@ def test_killed_daemon_resumes_from_periodic_resume_data_and_keeps_the_completio
     assert at_kill["progress"] <= 0.7
     saved = resume_progress(resume_file)
     daemons.kill(daemon)
+    saved_in_state = state_downloads(library)["k1"]["progress"]
 
     # No one is subscribed while it completes.
     daemon = daemons.start()
     with daemon.client() as client:
+        # From READY on, never less than the saved progress (not libtorrent's 0 while loading).
+        assert get(client, "k1")["progress"] >= saved_in_state
         first = wait_loaded(client, "k1")
         assert first["progress"] >= saved - 0.01, first
         set_upload_rate(slow_seeder, 0)
