@@ -265,7 +265,9 @@ async def test_clean_stop_saves_resume_data_of_every_download(
         await running.add(library.record("s1", slow_payload, peers=(slow_seeder.peer,)))
         at_stop = await running.wait_status("s1", lambda s: s.progress >= 0.2)
         assert not resume_file.exists()
-    assert resume_progress(resume_file) >= at_stop.progress - 0.01
+    # The live progress counts blocks of pieces still in flight; the resume data only whole
+    # pieces (64 KiB of 8 MiB each), so it may be a few pieces behind, never far.
+    assert resume_progress(resume_file) >= at_stop.progress - 0.05
 
 
 async def test_unreadable_resume_data_costs_a_check_not_the_download(
