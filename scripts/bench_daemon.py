@@ -1,7 +1,7 @@
 """The whole daemon, end to end through its socket: start, durable adds, completion, memory.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_daemon.py [--runs N] [--downloads N]
-        [--duration SECONDS] [--connections N] [--in-flight N] [--completions N]
+        [--adds N] [--connections N] [--in-flight N] [--completions N]
         [--size-kib KIB] [--calibration N] [--idle SECONDS] [--dir DIR]
 
 Every measurement runs a real `python -m supervisor serve --config CFG` child process on a
@@ -16,10 +16,13 @@ when it sends READY=1 to a NOTIFY_SOCKET this script binds, as systemd would. Pr
    same interpreter running `pass`, `import libtorrent`, and the imports of the daemon and of
    its worker.
 2. Durable add rate: magnets with distinct random info hashes and paused=true (no network),
-   for `--duration` seconds, over 1 connection one at a time (each waits for its `ok`), then
+   `--adds` of them per phase, over 1 connection one at a time (each waits for its `ok`), then
    over `--connections` connections one at a time each (for reference), then over
    `--connections` connections each keeping `--in-flight` adds in flight (the goal's phase);
-   each phase on a fresh daemon and an empty library (after 20 uncounted warm-up adds). Per
+   each phase on a fresh daemon and an empty library (after 20 uncounted warm-up adds). A
+   count, not a duration: every state write rewrites the whole file, so a faster phase that ran
+   as long would end with a bigger library and pay for it; with a count every phase ends with
+   the same downloads.json, and the rates compare writes of the same sizes. Per
    phase also: the bytes the daemon sent to storage (/proc/<pid>/io, hence about how many adds
    each state write carried) and the CPU per add of the daemon's event loop, of its other
    threads, of the worker and of this client.
@@ -429,7 +432,7 @@ class AddPhase:
 
 
 def add_phase(
-    space: Workspace, name: str, connections: int, in_flight: int, duration: float
+    space: Workspace, name: str, connections: int, in_flight: int, count: int
 ) -> AddPhase:
     """One phase on a fresh daemon and a library holding only WARMUP_ADDS downloads."""
     config, socket_path = space.library(name)
@@ -441,7 +444,7 @@ def add_phase(
         loop_before = cpu_of(process.pid, process.pid)
         written = written_by(process.pid)
         counts, elapsed = anyio.run(
-            run_adds, socket_path, connections, in_flight, duration, backend="asyncio"
+            run_adds, socket_path, connections, in_flight, 0.0, count, backend="asyncio"
         )
         after = (cpu_of(process.pid), sum(map(cpu_of, workers)), time.process_time())
         loop_cpu = cpu_of(process.pid, process.pid) - loop_before
@@ -858,7 +861,7 @@ def print_header(space: Workspace, args: argparse.Namespace, load: tuple[float, 
     print(f"  directory    {space.root}")
     print(f"  filesystem   {filesystem_of(space.root)}")
     print(
-        f"  runs         {args.runs} starts each; adds {args.duration:g} s per phase; "
+        f"  runs         {args.runs} starts each; {args.adds:,} adds per phase; "
         f"{args.completions} completions of {args.size_kib} KiB; idle {args.idle:g} s"
     )
     print()
@@ -1083,10 +1086,10 @@ def benchmark(space: Workspace, args: argparse.Namespace) -> None:
         full.append(start_once(space, "full", run))
     references = reference_starts(args.runs)
     # 2. durable adds
-    phases = [add_phase(space, "adds-1", 1, 1, args.duration)]
+    phases = [add_phase(space, "adds-1", 1, 1, args.adds)]
     if args.in_flight > 1:  # for reference: as many clients each waiting for its ok
-        phases.append(add_phase(space, "adds-n1", args.connections, 1, args.duration))
-    phases.append(add_phase(space, "adds-n", args.connections, args.in_flight, args.duration))
+        phases.append(add_phase(space, "adds-n1", args.connections, 1, args.adds))
+    phases.append(add_phase(space, "adds-n", args.connections, args.in_flight, args.adds))
     raw = raw_rates(space.root / "raw", phases[0].state_bytes // 2)
     # 3. completion latency
     completions = measure_completions(space, args.completions, args.size_kib, args.calibration)
@@ -1114,11 +1117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="persisted paused downloads for the start (default: %(default)s)",
     )
     parser.add_argument(
-        "--duration",
-        type=float,
-        default=3.0,
-        metavar="SECONDS",
-        help="length of each add phase (default: %(default)s)",
+        "--adds",
+        type=int,
+        default=2000,
+        help="adds in each add phase, after the warm-up (default: %(default)s)",
     )
     parser.add_argument(
         "--connections", type=int, default=10, help="connections of the concurrent add phase"
@@ -1150,10 +1152,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_dir_argument(parser)
     args = parser.parse_args(argv)
-    if min(args.runs, args.downloads, args.connections, args.in_flight, args.completions) < 1:
-        parser.error("--runs, --downloads, --connections, --in-flight, --completions: >= 1")
-    if args.duration <= 0 or args.idle < 0 or args.calibration < 0:
-        parser.error("--duration must be positive, --idle and --calibration not negative")
+    counts = (args.runs, args.downloads, args.adds, args.connections, args.in_flight)
+    if min(*counts, args.completions) < 1:
+        parser.error("--runs, --downloads, --adds, --connections, --in-flight, --completions: >= 1")
+    if args.idle < 0 or args.calibration < 0:
+        parser.error("--idle and --calibration must not be negative")
     if args.size_kib < 16:
         parser.error("--size-kib must be at least 16")
     check_dir(parser, args)
