@@ -152,6 +152,15 @@ class RestartIntensityExceeded(DlkeeperError):
 # --- one worker process ---------------------------------------------------------------------------
 
 
+@dataclass
+class _InputBatch:
+    """Commands for the worker that go out in one write; `written` is set once it is done."""
+
+    lines: list[bytes] = field(default_factory=list)
+    written: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+
+
 class WorkerProcess:
     """A running worker: its process, its requests in flight, and the reader of its output."""
 
@@ -163,7 +172,9 @@ class WorkerProcess:
         self._ids = itertools.count(1)
         self._pending: dict[int, Reply] = {}
         self._configured = Reply()
-        self._send_lock = anyio.Lock()
+        self._unsent = _InputBatch()
+        self._input_wanted = anyio.Event()
+        self._input_closed = False
 
     @property
     def pid(self) -> int:
@@ -244,13 +255,38 @@ class WorkerProcess:
             self._pending.pop(request_id, None)
 
     async def _send(self, command: WorkerCommand) -> None:
+        """Hands the command to `write_input` and returns once it is written."""
+        if self._input_closed:
+            raise WorkerGone(f"the libtorrent worker is gone: {self.exit_reason}")
+        batch = self._unsent
+        batch.lines.append(command.model_dump_json().encode() + b"\n")
+        self._input_wanted.set()
+        await batch.written.wait()
+        if batch.error is not None:
+            raise WorkerGone(f"the libtorrent worker is gone: {batch.error}")
+
+    async def write_input(self) -> None:
+        """Writes commands to the worker's stdin, everything that waits in one write: many
+        concurrent senders then cost one write, not a lock handed from one to the next."""
         assert self.process.stdin is not None
-        line = command.model_dump_json().encode() + b"\n"
         try:
-            async with self._send_lock:
-                await self.process.stdin.send(line)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            raise WorkerGone(f"the libtorrent worker is gone: {exc}") from None
+            while True:
+                await self._input_wanted.wait()
+                self._input_wanted = anyio.Event()
+                batch, self._unsent = self._unsent, _InputBatch()
+                try:
+                    await self.process.stdin.send(b"".join(batch.lines))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    batch.error = exc
+                except BaseException:
+                    batch.error = RuntimeError("its input was closed")
+                    raise
+                finally:
+                    batch.written.set()
+        finally:
+            self._input_closed = True
+            self._unsent.error = RuntimeError("its input was closed")
+            self._unsent.written.set()
 
     async def kill(self) -> None:
         """SIGKILL (works on a stopped process too) and reap."""
@@ -378,6 +414,7 @@ class SessionActor(Actor[SessionCommand]):
         try:
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(worker.read_output)
+                task_group.start_soon(worker.write_input)
                 result = await self._serve_worker(worker)
                 task_group.cancel_scope.cancel()
         finally:
