@@ -80,6 +80,7 @@ __all__ = [
     "AddResult",
     "ApiEvent",
     "BadRequest",
+    "DaemonNotRunning",
     "DaemonUnavailable",
     "DlkeeperClient",
     "DlkeeperError",
@@ -130,6 +131,10 @@ class DaemonUnavailable(DlkeeperError):
         super().__init__(message)
         self.message = message
         self.socket_path = socket_path
+
+
+class DaemonNotRunning(DaemonUnavailable):
+    """No daemon accepted a connection on the socket within `connect_timeout`."""
 
 
 class RequestTimeout(DaemonUnavailable):
@@ -715,8 +720,8 @@ class DlkeeperClient:
         try:
             connection = await self._connect_with_backoff()
         except DaemonUnavailable as exc:
-            message = exc.message
-            attempt.fail(lambda: DaemonUnavailable(message, self._socket_path))
+            message, kind = exc.message, type(exc)
+            attempt.fail(lambda: kind(message, self._socket_path))
         else:
             self._connection = connection
             attempt.set(connection)
@@ -739,7 +744,7 @@ class DlkeeperClient:
                 problem = str(exc)
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
-                raise DaemonUnavailable(
+                raise DaemonNotRunning(
                     f"no dlkeeper at {self._socket_path} — is the service running? "
                     f"({problem}; gave up after {attempts} attempts in "
                     f"{self._connect_timeout:g} s)",

@@ -36,6 +36,7 @@ from rich.text import Text
 
 from supervisor.client import (
     ApiEvent,
+    DaemonNotRunning,
     DaemonUnavailable,
     DlkeeperClient,
     DownloadCompletedEvent,
@@ -140,9 +141,9 @@ def _problem(exc: BaseException) -> str | None:
     for error in _leaves(exc):
         if isinstance(error, RequestTimeout):
             return f"dlkeeper: {error.message}"
+        if isinstance(error, DaemonNotRunning):
+            return f"no dlkeeper at {error.socket_path} — is the service running?"
         if isinstance(error, DaemonUnavailable):
-            if error.message.startswith("no dlkeeper at "):
-                return f"no dlkeeper at {error.socket_path} — is the service running?"
             return f"dlkeeper: {error.message}"
         if isinstance(error, RequestError):
             return f"dlkeeper: {error.code}: {error.message}"

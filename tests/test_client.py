@@ -22,6 +22,7 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from supervisor.client import (
+    DaemonNotRunning,
     DaemonUnavailable,
     DlkeeperClient,
     RequestError,
@@ -477,12 +478,12 @@ async def test_subscribing_again_sends_nothing_and_another_interval_is_refused(
 # --- losing the daemon --------------------------------------------------------------------------
 
 
-async def test_call_without_a_daemon_raises_daemon_unavailable_naming_the_socket(
+async def test_call_without_a_daemon_raises_daemon_not_running_naming_the_socket(
     socket_path: Path,
 ) -> None:
     with anyio.fail_after(TEST_DEADLINE):
         async with DlkeeperClient(socket_path, connect_timeout=0.3) as client:
-            with pytest.raises(DaemonUnavailable) as raised:
+            with pytest.raises(DaemonNotRunning) as raised:
                 await client.ping()
 
     assert str(socket_path) in str(raised.value)
