@@ -143,16 +143,14 @@ async def serve(dlkeeper: DlkeeperClient, library: Path, task_id: str, forever: 
 
 async def run(args: argparse.Namespace) -> int:
     task_id = args.task_id or stable_task_id(args.source)
-    async with DlkeeperClient(args.socket, connect_timeout=args.connect_timeout) as dlkeeper:
-        # Errors are caught inside the block: leaving it, they would come out wrapped in an
-        # ExceptionGroup by the client's task group.
-        try:
+    try:
+        async with DlkeeperClient(args.socket, connect_timeout=args.connect_timeout) as dlkeeper:
             await dlkeeper.subscribe()
             task_id = await add_download(dlkeeper, args, task_id)
             return await serve(dlkeeper, args.library, task_id, args.forever)
-        except DlkeeperError as exc:  # no daemon, a refused add, ...: one line, no traceback
-            log.error("%s", exc)
-            return 1
+    except DlkeeperError as exc:  # no daemon, a refused add, ...: one line, no traceback
+        log.error("%s", exc)
+        return 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -498,7 +498,7 @@ class Demo:
             ) as client:
                 yield client
         except BaseException as exc:
-            # The client's task group wraps what its block raises in an exception group.
+            # What the block raised may come inside the exception groups of its own tasks.
             error = _leaf(exc)
             if isinstance(error, DlkeeperError):
                 raise self.daemon_problem(daemon, error) from error
