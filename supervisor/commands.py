@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import select
 import signal
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -67,6 +69,8 @@ RELIST_EVERY = 5.0
 RELIST_AT_MOST_EVERY = 1.0
 # After a failed reconnect that failed at once (no permission, say), before trying again.
 RETRY_PAUSE = 0.5
+# How often a quiet watch asks whether the reader of its pipe is still there.
+READER_CHECK_EVERY = 0.5
 # The live view redraws at most this often; progress events may come much faster.
 REDRAW_EVERY = 0.25
 
@@ -680,7 +684,26 @@ async def _watch(socket_path: Path, interval: float, console: Console) -> int:
                 tasks.start_soon(watcher.follow_events)
                 tasks.start_soon(watcher.relist_now_and_then)
                 tasks.start_soon(screen.run, view)
+                tasks.start_soon(_end_when_the_reader_goes)
     return EXIT_OK
+
+
+async def _end_when_the_reader_goes() -> None:
+    """Raises `ReaderGone` once the reader of stdout's pipe has closed it. A watch with nothing
+    to show writes nothing, and would only learn it at its next line (`dlkeeper watch | head`
+    would hang); the pipe says so at once (POLLERR on its writing end)."""
+    fd = sys.stdout.fileno()
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+    except OSError:
+        return
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked for: POLLERR and POLLHUP are always reported
+    while True:
+        await anyio.sleep(READER_CHECK_EVERY)
+        if poller.poll(0):
+            raise ReaderGone
 
 
 async def _cancel_on_signal(scope: CancelScope) -> None:

@@ -423,8 +423,13 @@ def test_watch_carries_on_across_a_daemon_sigkill_and_restart(
     assert process.stderr.read() == b""
 
 
-def test_watch_ends_quietly_when_the_reader_of_its_pipe_goes_away(library: Library) -> None:
-    ok("add", fake_magnet("7a", "Piped"), "--paused", "--task-id", "pipe-1", socket=library.socket)
+@pytest.mark.parametrize("change", [True, False], ids=["then-a-change", "then-nothing"])
+def test_watch_ends_quietly_when_the_reader_of_its_pipe_goes_away(
+    library: Library, change: bool
+) -> None:
+    task_id = f"pipe-{int(change)}"
+    digit = "7a" if change else "7b"
+    ok("add", fake_magnet(digit, "Piped"), "--paused", "--task-id", task_id, socket=library.socket)
     reader, writer = os.pipe()
     process = subprocess.Popen(
         [sys.executable, "-m", "supervisor", "watch", "--socket", str(library.socket)],
@@ -434,13 +439,15 @@ def test_watch_ends_quietly_when_the_reader_of_its_pipe_goes_away(library: Libra
     try:
         read = b""
         deadline = time.monotonic() + DEADLINE
-        while b"pipe-1  paused" not in read:
+        while f"{task_id}  paused".encode() not in read:
             # Read here, not by an `Output` thread: a closed pipe must have no reader left.
             ready, _, _ = select.select([reader], [], [], deadline - time.monotonic())
-            assert ready, f"no line for pipe-1 in {read!r}"
+            assert ready, f"no line for {task_id} in {read!r}"
             read += os.read(reader, 65536)
         os.close(reader)  # `| head` has read enough; the next change is written to no one
-        ok("resume", "pipe-1", socket=library.socket)
+        if change:
+            ok("resume", task_id, socket=library.socket)
+        # else nothing is ever written again: watch must notice the closed pipe by itself
         assert process.wait(DEADLINE) == 128 + signal.SIGPIPE
         assert process.stderr is not None
         assert process.stderr.read() == b""
