@@ -20,6 +20,8 @@ from supervisor.errors import ConfigError
 CONFIG_ENV = "DLKEEPER_CONFIG"
 DEFAULT_LIBRARY_PATH = Path("/srv/media")
 DEFAULT_SOCKET = Path("/run/dlkeeper/api.sock")
+# sun_path is 108 bytes with its terminating NUL (Linux).
+MAX_SOCKET_PATH_BYTES = 107
 
 LibtorrentValue = str | int | bool
 
@@ -89,10 +91,17 @@ def load_config(flags: PathFlags, environ: Mapping[str, str] | None = None) -> C
         return default
 
     library_path = path(flags.library_path, values.library_path, DEFAULT_LIBRARY_PATH)
+    socket = path(flags.socket, values.socket, DEFAULT_SOCKET)
+    if len(os.fsencode(socket)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            "socket",
+            f"{socket} is {len(os.fsencode(socket))} bytes long; "
+            f"a Unix socket path may have at most {MAX_SOCKET_PATH_BYTES}",
+        )
     return Config(
         library_path=library_path,
         download_path=path(flags.download_path, values.download_path, library_path / "downloads"),
-        socket=path(flags.socket, values.socket, DEFAULT_SOCKET),
+        socket=socket,
         resume_save_interval=values.resume_save_interval,
         shutdown_timeout=values.shutdown_timeout,
         libtorrent=dict(values.libtorrent),

@@ -64,7 +64,7 @@ def open_socket(path: Path) -> socket.socket:
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        raise ConfigError("socket", f"cannot listen on {path}: {exc.strerror}") from None
+        raise ConfigError("socket", f"cannot listen on {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(previous)
     path.chmod(SOCKET_MODE)

@@ -156,3 +156,13 @@ def test_a_config_file_that_is_not_utf8_is_an_error(tmp_path: Path) -> None:
     path.write_bytes(b'library_path = "/srv/m\xe9dia"\n')
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(PathFlags(config=path), environ={})
+
+
+def test_a_socket_path_too_long_for_a_unix_socket_is_an_error_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    long_socket = tmp_path / ("s" * 120) / "api.sock"
+    with pytest.raises(ConfigError) as caught:
+        load_config(PathFlags(socket=long_socket), environ={})
+    assert caught.value.key == "socket"
+    assert "at most 107" in str(caught.value)
