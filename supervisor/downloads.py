@@ -85,19 +85,23 @@ def download_info(record: DownloadRecord, live: TorrentStatus | None) -> Downloa
     finished = record.status is DownloadStatus.COMPLETED
     loading = live is not None and live.state in _LOADING_STATES
     total = live.total_bytes if live is not None else sum(f.size for f in files if f.priority)
+    status = live_status(record, live)
+    # libtorrent's rates are moving averages that fade for seconds after a pause or the end.
+    stopped = status in ("paused", "failed")
+    downloading = not stopped and status != "completed"
     return DownloadInfo(
         task_id=record.task_id,
         name=record.name or (live.name if live is not None else ""),
         info_hash=record.info_hash or (live.info_hash if live is not None else None),
-        status=live_status(record, live),
+        status=status,
         progress=1.0 if finished else _progress(record, live, loading=loading),
         total_bytes=total,
         downloaded_bytes=(
             live.downloaded_bytes if live is not None else (total if finished else 0)
         ),
-        download_rate=live.download_rate if live is not None else 0,
-        upload_rate=live.upload_rate if live is not None else 0,
-        num_peers=live.num_peers if live is not None else 0,
+        download_rate=live.download_rate if live is not None and downloading else 0,
+        upload_rate=live.upload_rate if live is not None and not stopped else 0,
+        num_peers=live.num_peers if live is not None and not stopped else 0,
         save_path=record.save_path,
         created_at=record.created_at,
         completed_at=record.completed_at,
