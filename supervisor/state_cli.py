@@ -305,6 +305,11 @@ def _check(library: _Library, *, as_json: bool) -> int:
                     "`dlkeeper-state repair` keeps what can be resumed and moves the rest to "
                     f"{store.quarantine_path.name}"
                 )
+            if any(p.task_id is not None and ".torrent" in p.message for p in problems):
+                hints.append(
+                    "`dlkeeper-state repair` first writes a lost .torrent back from its resume "
+                    "data when that holds the torrent's info"
+                )
     if as_json:
         payload = {
             "state_file": str(store.path),

@@ -249,6 +249,9 @@ def test_repair_recreates_a_lost_torrent_from_its_resume_data(
     record = library.torrent_record("held", running.held, status=DownloadStatus.PAUSED)
     library.write_state(record)
     (library.torrents_dir / "held.torrent").unlink()
+    status, out, _ = library.run("check")
+    assert status == 1
+    assert "repair` first writes a lost .torrent back from its resume data" in out
     status, out, err = library.run("repair")
     assert status == 0, err
     recreated = read_torrent((library.torrents_dir / "held.torrent").read_bytes())
