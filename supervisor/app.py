@@ -78,9 +78,10 @@ async def run_daemon(config: Config) -> None:
                     serving.start_soon(_pet_watchdog, session, healthy_heartbeat_age(options))
                     stats = await session.stats()
                     log.info(
-                        "dlkeeper running: %d downloads resumed, %d could not be, "
+                        "dlkeeper running: %d download%s resumed, %d could not be, "
                         "socket %s, state in %s",
                         stats.resumed_at_start,
+                        "" if stats.resumed_at_start == 1 else "s",
                         stats.resume_failures,
                         config.socket,
                         store.path,

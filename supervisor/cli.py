@@ -179,7 +179,7 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     resume = command(
         "resume",
         "resume a paused download",
-        "Resume a paused download; it is queued, then downloads. Prints its new status "
+        "Resume a paused download. Prints its new status: queued, checking or downloading "
         "(--json: the download, as `info --json` shows it).",
     )
     resume.add_argument("task_id", metavar="ID", help="the download's task id")

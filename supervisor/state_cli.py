@@ -66,6 +66,10 @@ _EPILOG = (
     "Exit status: 0 done (check: no problems), 1 problems found or nothing done (the reason is "
     "printed), 2 bad flags or config, 3 a running daemon holds the state lock."
 )
+_WRITING_EPILOG = (
+    "Exit status: 0 done, 1 nothing done (the reason is printed), 2 bad flags or config, "
+    "3 a running daemon holds the state lock."
+)
 
 
 class _Refused(Exception):
@@ -127,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
             "is kept (as downloads.json.bak, or downloads.json.corrupt-<time> when it did not "
             "load). A file that is not JSON at all cannot be repaired: use restore or rebuild."
         ),
-        epilog=_EPILOG,
+        epilog=_WRITING_EPILOG,
     )
     rebuild = commands.add_parser(
         "rebuild",
@@ -141,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
             "loads, unless --force; a replaced file is kept as "
             "downloads.json.before-rebuild-<time> (or .corrupt-<time>)."
         ),
-        epilog=_EPILOG,
+        epilog=_WRITING_EPILOG,
     )
     rebuild.add_argument(
         "--force", action="store_true", help="replace a state file even though it loads"
@@ -154,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
             "downloads.json, if any, is kept as downloads.json.before-restore-<time>. "
             "An invalid FILE changes nothing (exit status 1)."
         ),
-        epilog=_EPILOG,
+        epilog=_WRITING_EPILOG,
     )
     restore.add_argument(
         "--from",
@@ -171,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
             "downloads.json.bak). Its .torrent/.fastresume copies and downloaded files are "
             "left in place, so restore undoes it. Exit status 1 for an unknown TASK_ID."
         ),
-        epilog=_EPILOG,
+        epilog=_WRITING_EPILOG,
     )
     remove.add_argument("task_id", metavar="TASK_ID", help="the download to drop")
     return parser

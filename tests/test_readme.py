@@ -19,7 +19,8 @@ BIN = Path(sys.executable).parent
 HELP_BLOCK = re.compile(
     r"^```\n\$ (dlkeeper(?:-state)?(?: [a-z]+)?) --help\n(.*?)^```$", re.M | re.S
 )
-HELP_BLOCKS = {command: text for command, text in HELP_BLOCK.findall(README)}
+HELP_FOUND = HELP_BLOCK.findall(README)
+HELP_BLOCKS = dict(HELP_FOUND)
 COMMANDS = {
     "dlkeeper": [
         "serve",
@@ -41,8 +42,8 @@ EVERY_COMMAND = [
 ]
 
 
-def test_the_readme_shows_the_help_of_every_command() -> None:
-    assert sorted(HELP_BLOCKS) == sorted(EVERY_COMMAND)
+def test_the_readme_shows_the_help_of_every_command_once() -> None:
+    assert sorted(command for command, _ in HELP_FOUND) == sorted(EVERY_COMMAND)
 
 
 @pytest.mark.parametrize("command", sorted(HELP_BLOCKS))
