@@ -85,7 +85,13 @@ def check_settings(settings: dict[str, str | int | bool]) -> tuple[str, str] | N
         if type(value) is not expected:
             names = {bool: "a boolean", int: "an integer", str: "a string"}
             return key, f"must be {names[expected]}, got {value!r}"
+        # libtorrent keeps integer settings in a C int: a bigger value would wrap around.
+        if expected is int and not _INT_MIN <= int(value) <= _INT_MAX:
+            return key, f"must be between {_INT_MIN} and {_INT_MAX}, got {value!r}"
     return None
+
+
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 def info_hash_of(hashes: Any) -> str:

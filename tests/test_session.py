@@ -246,6 +246,19 @@ async def test_unknown_libtorrent_setting_is_rejected_naming_the_key(library: Li
     assert error.key == "libtorrent.no_such_setting"
 
 
+@pytest.mark.parametrize("value", [-99_999_999_999_999, 2**31])
+async def test_libtorrent_integer_setting_out_of_range_is_rejected(
+    library: Library, value: int
+) -> None:
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with running_session(library, libtorrent={"active_downloads": value}):
+            pass
+    error = first_dlkeeper_error(caught.value)
+    assert isinstance(error, ConfigError)
+    assert error.key == "libtorrent.active_downloads"
+    assert "between" in error.reason
+
+
 async def test_libtorrent_setting_of_the_wrong_type_is_rejected(library: Library) -> None:
     with pytest.raises(BaseExceptionGroup) as caught:
         async with running_session(library, libtorrent={"enable_dht": "yes"}):
