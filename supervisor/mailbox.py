@@ -25,6 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from supervisor.errors import (
     ActorDied,
     AskTimeout,
+    ConfigError,
     DlkeeperError,
     MailboxFull,
     first_dlkeeper_error,
@@ -193,7 +194,9 @@ async def _run_actor(
     except BaseException as exc:
         cause = exc
         known = first_dlkeeper_error(exc)
-        if known is not None:  # an error dlkeeper knows how to explain needs no traceback
+        if isinstance(known, ConfigError):
+            pass  # a bad setting: `dlkeeper serve` says so in one line, nothing to add here
+        elif known is not None:  # an error dlkeeper knows how to explain needs no traceback
             log.error("actor %s failed: %s", actor.name, known)
         elif not isinstance(exc, anyio.get_cancelled_exc_class()):
             log.exception("actor %s failed", actor.name)
