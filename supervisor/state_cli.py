@@ -197,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(library.store, as_json=args.json)
         if args.command == "check":
             return _check(library, as_json=args.json)
+        _require_folder(config.library_path)
         with _locked(library.store):
             if args.command == "repair":
                 return _repair(library)
@@ -212,6 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"dlkeeper-state: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+
+
+def _require_folder(library_path: Path) -> None:
+    # A mistyped --library-path must not leave a new data/ folder and lock file behind.
+    if not library_path.is_dir():
+        raise _Refused(f"no library folder at {library_path}")
 
 
 @contextlib.contextmanager

@@ -522,6 +522,17 @@ def test_remove_of_an_unknown_id_exits_1_and_changes_nothing(
     assert not (library.state_dir / "downloads.json.bak").exists()
 
 
+@pytest.mark.parametrize("command", [["repair"], ["rebuild"], ["restore"], ["remove", "x"]])
+def test_a_writing_command_on_a_library_that_does_not_exist_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    mistyped = tmp_path / "no-such-library"
+    status = main(["--library-path", str(mistyped), *command])
+    assert status == 1
+    assert capsys.readouterr().err == f"dlkeeper-state: no library folder at {mistyped}\n"
+    assert not mistyped.exists()
+
+
 def test_a_bad_config_exits_2_with_one_line(library: Library, tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("shutdown_timeout = 'soon'\n")
@@ -556,10 +567,11 @@ def test_the_daemon_resumes_a_state_rebuilt_after_losing_it_and_a_torrent(
 
 
 def test_a_state_folder_that_cannot_be_made_is_one_line_and_exit_1(library: Library) -> None:
-    blocker = library.root / "not-a-folder"
-    blocker.write_text("a file where the library should be")
-    library.root = blocker
+    other = library.root / "other-library"
+    other.mkdir()
+    (other / "data").write_text("a file where the state folder should be")
+    library.root = other
     status, _, err = library.run("rebuild")
     assert status == 1
-    assert err.startswith(f"dlkeeper-state: cannot use the state folder {blocker / 'data'}:")
+    assert err.startswith(f"dlkeeper-state: cannot use the state folder {other / 'data'}:")
     assert len(err.splitlines()) == 1
