@@ -45,6 +45,7 @@ from actors.state import (
     decode_state,
 )
 from actors.statefile import StateStore, utc_stamp
+from supervisor import __version__
 from supervisor.cli import add_path_flags, path_flags
 from supervisor.config import load_config
 from supervisor.errors import (
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=_EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"dlkeeper-state {__version__}")
     add_path_flags(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     show = commands.add_parser(
