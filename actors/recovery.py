@@ -420,6 +420,9 @@ def rebuild_records(paths: LibraryPaths) -> Rebuilt:
             downloads[task_id] = _rebuild_one(task_id, paths)
         except _Unrecoverable as exc:
             skipped[task_id] = str(exc)
+        except (OSError, ValueError, OverflowError) as exc:  # pydantic's too: a bad value
+            # One damaged file costs its own download, never the rebuild of the others.
+            skipped[task_id] = f"its files hold something unusable: {_reason(exc)}"
     ordered = dict(sorted(downloads.items(), key=lambda item: item[1].record.created_at))
     return Rebuilt(ordered, skipped)
 
@@ -520,7 +523,10 @@ def _text(value: object) -> str | None:
 
 def _time(value: object) -> datetime | None:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return datetime.fromtimestamp(value, UTC)
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, ValueError, OSError):  # a time no calendar holds
+            return None
     return None
 
 

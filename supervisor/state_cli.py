@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
             "progress come from the resume data where it holds them. Peers, torrent_metadata "
             "and validation_metadata lived only in the state file and cannot be recovered "
             "(restore brings them back from a backup). Refuses to replace a state file that "
-            "loads, unless --force; a replaced file is kept as "
+            "loads, or to run while downloads.json.bak loads (restore it instead), unless "
+            "--force; a replaced file is kept as "
             "downloads.json.before-rebuild-<time> (or .corrupt-<time>)."
         ),
         epilog=_WRITING_EPILOG,
@@ -485,6 +486,13 @@ def _rebuild(library: _Library, *, force: bool) -> int:
     store, paths = library.store, library.paths
     rebuilt = rebuild_records(paths)
     current = _current_state(library)
+    if current is None and not force and _backup_loads(store):
+        # The backup holds what rebuild cannot recover (peers, metadata, magnet-only
+        # downloads), and the next write would replace it with the rebuilt state.
+        raise _Refused(
+            f"not rebuilding: {store.backup_path.name} loads; `dlkeeper-state restore` puts it "
+            "back with everything in it (--force rebuilds anyway)"
+        )
     if current is not None and not force:
         print(
             f"would rebuild {_count(len(rebuilt.downloads), 'download')} from {paths.torrents_dir}:"
@@ -526,6 +534,15 @@ def _rebuild(library: _Library, *, force: bool) -> int:
             "brings back those fields too (for the downloads it holds)"
         )
     return EXIT_OK
+
+
+def _backup_loads(store: StateStore) -> bool:
+    try:
+        raw = read_small_file(store.backup_path, _MAX_STATE_BYTES)
+        decode_state(raw, store.backup_path, store.migration)
+    except (CorruptState, StateTooNew, OSError, DlkeeperError):
+        return False
+    return True
 
 
 def _current_state(library: _Library) -> str | None:

@@ -446,6 +446,37 @@ def test_rebuild_sets_a_garbage_state_file_aside(
     assert [path.read_bytes() for path in aside] == [b"\xff\xfe garbage"]
 
 
+def test_rebuild_refuses_while_the_backup_loads_and_points_at_restore(
+    library: Library, payloads: dict[str, Payload]
+) -> None:
+    record = library.torrent_record("alpha", payloads["Alpha"])
+    library.write_state(record)
+    library.write_state(record)  # the first file is now the .bak
+    library.state_file.unlink()
+    backup = (library.state_dir / "downloads.json.bak").read_bytes()
+    status, _, err = library.run("rebuild")
+    assert status == 1
+    assert "downloads.json.bak loads; `dlkeeper-state restore` puts it back" in err
+    assert not library.state_file.exists()
+    assert (library.state_dir / "downloads.json.bak").read_bytes() == backup
+    assert library.run("rebuild", "--force")[0] == 0
+
+
+def test_rebuild_survives_resume_data_with_a_time_no_calendar_holds(
+    library: Library, payloads: dict[str, Payload]
+) -> None:
+    library.torrent_record("alpha", payloads["Alpha"])  # leaves alpha.torrent in torrents/
+    beta = bytes.fromhex(payloads["Beta"].info_hash)
+    (library.torrents_dir / "beta.fastresume").write_bytes(
+        b"d10:added_timei" + str(10**30).encode() + b"e9:info-hash20:" + beta + b"e"
+    )
+    status, _, err = library.run("rebuild")
+    assert status == 0, err
+    rebuilt = library.read_state()
+    assert sorted(rebuilt) == ["alpha", "beta"]
+    assert rebuilt["beta"].info_hash == payloads["Beta"].info_hash
+
+
 def test_rebuild_with_no_files_to_rebuild_from_exits_1(library: Library) -> None:
     status, _, err = library.run("rebuild")
     assert status == 1
