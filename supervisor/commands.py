@@ -36,6 +36,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from actors.atomic import read_small_file
 from supervisor.client import (
     ApiEvent,
     DaemonNotRunning,
@@ -52,6 +53,7 @@ from supervisor.client import (
     RequestError,
     RequestTimeout,
 )
+from supervisor.errors import DlkeeperError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -229,9 +231,10 @@ async def _torrent_file(source: str) -> tuple[str | None, str | None]:
         if (await path.stat()).st_size > MAX_INLINE_TORRENT:
             # Too large for one request line: the daemon reads it itself, if it may.
             return None, str(await path.absolute())
-        data = await path.read_bytes()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+        # Not a plain read: a FIFO would block it for good, a device feed it without end.
+        data = await anyio.to_thread.run_sync(read_small_file, Path(source), MAX_INLINE_TORRENT)
+    except (OSError, DlkeeperError) as exc:
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
         raise CommandFailed(
             f"cannot read {source}: {reason} (give a magnet: link or a .torrent file)"
         ) from None

@@ -300,6 +300,16 @@ def test_an_unreadable_torrent_file_is_one_line_and_adds_nothing(
     assert task_ids(library) == before
 
 
+def test_a_fifo_given_as_torrent_file_is_refused_at_once_not_waited_on(
+    library: Library, tmp_path: Path
+) -> None:
+    os.mkfifo(tmp_path / "fifo.torrent")  # no writer: a plain read would wait for good
+    result = dlkeeper("add", "fifo.torrent", socket=library.socket, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("dlkeeper: cannot read fifo.torrent: ")
+    assert "is not a regular file" in result.stderr
+
+
 def test_a_torrent_file_too_large_to_send_is_given_to_the_daemon_by_absolute_path(
     library: Library, tmp_path: Path
 ) -> None:
