@@ -142,14 +142,18 @@ async def serve(dlkeeper: DlkeeperClient, library: Path, task_id: str, forever: 
 
 
 async def run(args: argparse.Namespace) -> int:
-    task_id = args.task_id or stable_task_id(args.source)
     try:
+        task_id = args.task_id or stable_task_id(args.source)
         async with DlkeeperClient(args.socket, connect_timeout=args.connect_timeout) as dlkeeper:
             await dlkeeper.subscribe()
             task_id = await add_download(dlkeeper, args, task_id)
             return await serve(dlkeeper, args.library, task_id, args.forever)
     except DlkeeperError as exc:  # no daemon, a refused add, ...: one line, no traceback
         log.error("%s", exc)
+        return 1
+    except OSError as exc:  # an unreadable .torrent, a library it cannot write to, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        log.error("%s%s", where, exc.strerror or exc)
         return 1
 
 

@@ -78,6 +78,23 @@ def test_the_bot_imports_its_download_and_acks_it(
             assert client.call("list") == {"downloads": []}
 
 
+def test_a_library_it_cannot_write_to_is_one_line_exit_1_and_the_completion_stays(
+    config: Path, tmp_path: Path, payload: Payload
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    library = blocker / "movies"
+    with seeding(payload) as seeder, running_daemon(config) as daemon:
+        command = bot_command(daemon, library, seeder.peer, seeder.magnet(payload))
+        bot = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE, check=False)
+        assert bot.returncode == 1
+        assert "Traceback" not in bot.stderr
+        assert "Not a directory" in bot.stderr.splitlines()[-1]
+        with daemon.client() as client:  # not acked: offered again to the next run
+            (download,) = client.call("list")["downloads"]
+            assert download["status"] == "completed"
+
+
 def test_a_bot_killed_before_the_completion_imports_it_once_when_run_again(
     config: Path, tmp_path: Path, payload: Payload
 ) -> None:
