@@ -174,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
         "remove",
         help="drop one download from the state",
         description=(
-            "Drop the download TASK_ID from downloads.json (the previous file stays as "
-            "downloads.json.bak). Its .torrent/.fastresume copies and downloaded files are "
-            "left in place, so restore undoes it. Exit status 1 for an unknown TASK_ID."
+            "Drop the download TASK_ID from downloads.json. Its entry is added to "
+            "downloads.json.quarantine, and its .torrent/.fastresume copies and downloaded "
+            "files are left in place, so it can be put back. Exit status 1 for an unknown "
+            "TASK_ID."
         ),
         epilog=_WRITING_EPILOG,
     )
@@ -610,16 +611,18 @@ def _remove(library: _Library, task_id: str) -> int:
     if task_id not in decoded.downloads:
         raise _Refused(f"no download {task_id} in {store.path}")
     downloads = {k: r for k, r in decoded.downloads.items() if k != task_id}
-    aside = None
-    if decoded.from_version != CURRENT_VERSION:
-        aside = store.set_aside(f"v{decoded.from_version}")
-    store.write(downloads)
     record = decoded.downloads[task_id]
-    previous = aside.name if aside is not None else store.backup_path.name
+    # Kept in the quarantine file: the .bak undoes a remove only until the next write.
+    removed = {task_id: Rejected(record_json(record), "removed by `dlkeeper-state remove`")}
+    data = merge_quarantine(_read_quarantine(store), removed, datetime.now(UTC))
+    write_file_atomically(store.quarantine_path, data)
+    if decoded.from_version != CURRENT_VERSION:
+        store.set_aside(f"v{decoded.from_version}")
+    store.write(downloads)
     print(
-        f"removed {task_id} ({record.name}); the previous state is {previous} "
-        "(`dlkeeper-state restore` undoes this); its .torrent/.fastresume copies and "
-        "downloaded files are left in place"
+        f"removed {task_id} ({record.name}); its entry is kept in "
+        f"{store.quarantine_path.name}, its .torrent/.fastresume copies and downloaded files "
+        "are left in place"
     )
     return EXIT_OK
 

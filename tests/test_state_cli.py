@@ -527,7 +527,7 @@ def test_restore_without_a_backup_exits_1(library: Library) -> None:
 # --- remove -------------------------------------------------------------------------------------
 
 
-def test_remove_drops_one_download_and_restore_brings_it_back(
+def test_remove_drops_one_download_and_keeps_its_entry_in_the_quarantine(
     library: Library, payloads: dict[str, Payload]
 ) -> None:
     alpha = library.torrent_record("alpha", payloads["Alpha"])
@@ -536,9 +536,12 @@ def test_remove_drops_one_download_and_restore_brings_it_back(
     status, out, err = library.run("remove", "alpha")
     assert status == 0, err
     assert library.read_state() == {"beta": beta}
-    assert out.startswith("removed alpha (Alpha); the previous state is downloads.json.bak")
-    assert library.run("restore")[0] == 0
-    assert library.read_state() == {"alpha": alpha, "beta": beta}
+    assert out.startswith("removed alpha (Alpha); its entry is kept in downloads.json.quarantine")
+    assert library.run("remove", "beta")[0] == 0  # a second write: the .bak no longer has alpha
+    quarantine = orjson.loads(library.store().quarantine_path.read_bytes())
+    assert DownloadRecord.model_validate(quarantine["downloads"]["alpha"]) == alpha
+    assert quarantine["reasons"]["alpha"]["reason"] == "removed by `dlkeeper-state remove`"
+    assert sorted(quarantine["downloads"]) == ["alpha", "beta"]
 
 
 def test_remove_of_an_unknown_id_exits_1_and_changes_nothing(
