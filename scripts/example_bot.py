@@ -182,7 +182,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="how long to wait for the daemon to (re)appear before giving up (default: 30)",
+        help="how long to wait for the daemon at the start before giving up (default: 30); "
+        "once connected, it waits for a restarted daemon as long as it takes",
     )
     parser.add_argument(
         "--forever", action="store_true", help="keep importing completions; never exit"
