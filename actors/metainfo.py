@@ -97,6 +97,27 @@ def bdecode(data: bytes) -> object:
     return _decode(data).value
 
 
+def bencode(value: object) -> bytes:
+    """Bencodes what `bdecode` returns (dicts keyed by bytes, lists, ints, bytes); str keys and
+    values are taken as UTF-8. Booleans are refused: bencode has none."""
+    if isinstance(value, bool):
+        raise TypeError("bencode has no booleans")
+    if isinstance(value, int):
+        return b"i%de" % value
+    if isinstance(value, bytes):
+        return b"%d:%s" % (len(value), value)
+    if isinstance(value, str):
+        return bencode(value.encode())
+    if isinstance(value, list):
+        return b"l" + b"".join(bencode(item) for item in value) + b"e"
+    if isinstance(value, dict):
+        items = sorted(
+            (key.encode() if isinstance(key, str) else key, item) for key, item in value.items()
+        )
+        return b"d" + b"".join(bencode(key) + bencode(item) for key, item in items) + b"e"
+    raise TypeError(f"cannot bencode {type(value).__name__}")
+
+
 @dataclass(frozen=True)
 class _Decoded:
     value: object

@@ -24,7 +24,7 @@ import orjson
 from pydantic import ValidationError
 
 from actors.atomic import read_small_file
-from actors.metainfo import TorrentSummary, bdecode, magnet_info_hash, read_torrent
+from actors.metainfo import TorrentSummary, bdecode, bencode, magnet_info_hash, read_torrent
 from actors.state import (
     ACTIVE_STATUSES,
     CURRENT_VERSION,
@@ -145,24 +145,6 @@ def torrent_from_resume(resume: Mapping[bytes, Any], info_hash: str | None) -> b
         return None
     expected = info_hash or resume_info_hash(resume)
     return torrent if expected is None or found == expected else None
-
-
-def bencode(value: object) -> bytes:
-    """Bencodes what `bdecode` returns (dicts keyed by bytes, lists, ints, bytes)."""
-    if isinstance(value, bool):
-        raise TypeError("bencode has no booleans")
-    if isinstance(value, int):
-        return b"i%de" % value
-    if isinstance(value, bytes):
-        return b"%d:%s" % (len(value), value)
-    if isinstance(value, str):
-        return bencode(value.encode())
-    if isinstance(value, list):
-        return b"l" + b"".join(bencode(item) for item in value) + b"e"
-    if isinstance(value, dict):
-        items = sorted(value.items())
-        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
-    raise TypeError(f"cannot bencode {type(value).__name__}")
 
 
 # --- checking -----------------------------------------------------------------------------------

@@ -82,7 +82,6 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from benchlib import (
     add_dir_argument,
-    bencode,
     check_dir,
     cores,
     cpu_model,
@@ -99,6 +98,7 @@ from benchlib import distribution as _distribution
 from benchlib import time_command as _time_command
 from benchseeder import Sample, seeder_settings, seeder_view, wait_finished
 
+from actors.metainfo import bencode
 from tests.daemons import write_config
 from tests.swarm import LOOPBACK_SETTINGS, Seeder, seeding
 from tests.torrents import Payload, make_payload

@@ -56,7 +56,6 @@ from typing import cast
 import anyio
 from benchlib import (
     add_dir_argument,
-    bencode,
     check_dir,
     cores,
     cpu_of,
@@ -68,6 +67,7 @@ from benchlib import (
     time_command,
 )
 
+from actors.metainfo import bencode
 from actors.persistence import Persistence, PersistenceActor
 from actors.session import Session, SessionActor, SessionOptions
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext

@@ -147,23 +147,6 @@ def distribution(
     )
 
 
-def bencode(value: object) -> bytes:
-    if isinstance(value, int):
-        return b"i%de" % value
-    if isinstance(value, bytes):
-        return b"%d:%s" % (len(value), value)
-    if isinstance(value, str):
-        return bencode(value.encode())
-    if isinstance(value, list):
-        return b"l" + b"".join(bencode(item) for item in value) + b"e"
-    if isinstance(value, dict):
-        items = sorted(
-            (key.encode() if isinstance(key, str) else key, item) for key, item in value.items()
-        )
-        return b"d" + b"".join(bencode(key) + bencode(item) for key, item in items) + b"e"
-    raise TypeError(f"cannot bencode {type(value).__name__}")
-
-
 # --- the command line and the work folder --------------------------------------------------------
 
 DIR_HELP = "work in a temporary folder made inside DIR and removed at the end"
