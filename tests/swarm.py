@@ -12,19 +12,11 @@ from typing import Any, cast
 
 import libtorrent as lt
 
+from supervisor.demo import LOOPBACK_SETTINGS
 from tests.torrents import Payload
 
-# The same settings go into the daemon's [libtorrent] table in tests.
-LOOPBACK_SETTINGS: dict[str, str | int | bool] = {
-    "listen_interfaces": "127.0.0.1:0",
-    "enable_dht": False,
-    "enable_lsd": False,
-    "enable_upnp": False,
-    "enable_natpmp": False,
-    "enable_incoming_utp": False,
-    "enable_outgoing_utp": False,
-    "allow_multiple_connections_per_ip": True,
-}
+# The demo's loopback-only settings also go into the daemon's [libtorrent] table in tests.
+__all__ = ["LOOPBACK_SETTINGS", "Seeder", "seeding"]
 
 
 class Seeder:
