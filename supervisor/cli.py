@@ -123,8 +123,14 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     common = [connection, output]
 
-    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, parents=common, help=summary, description=description)
+    def command(
+        name: str, summary: str, description: str, *, of_one: bool = False
+    ) -> argparse.ArgumentParser:
+        """A client command; `of_one`: it takes the task id of one download."""
+        parser = commands.add_parser(name, parents=common, help=summary, description=description)
+        if of_one:
+            parser.add_argument("task_id", metavar="ID", help="the download's task id")
+        return parser
 
     command(
         "ls",
@@ -132,12 +138,12 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "List every download the daemon keeps, completed and failed ones included until they "
         "are acknowledged: id, name, status, progress, size, rate, peers and time left.",
     )
-    info = command(
+    command(
         "info",
         "show one download in full, with its files",
         "Show every field of one download, and its files.",
+        of_one=True,
     )
-    info.add_argument("task_id", metavar="ID", help="the download's task id")
     add = command(
         "add",
         "add a download from a magnet link or a .torrent file; prints its task id",
@@ -169,36 +175,36 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         dest="peers",
         help="a peer to connect to, kept across restarts (repeatable)",
     )
-    pause = command(
+    command(
         "pause",
         "pause a download",
         "Pause a download; it stays paused across daemon restarts until resumed. Prints its "
         "new status (--json: the download, as `info --json` shows it).",
+        of_one=True,
     )
-    pause.add_argument("task_id", metavar="ID", help="the download's task id")
-    resume = command(
+    command(
         "resume",
         "resume a paused download",
         "Resume a paused download. Prints its new status: queued, checking or downloading "
         "(--json: the download, as `info --json` shows it).",
+        of_one=True,
     )
-    resume.add_argument("task_id", metavar="ID", help="the download's task id")
     cancel = command(
         "cancel",
         "remove a download (its files stay unless --delete-files)",
         "Remove a download from the daemon. Its downloaded files stay unless --delete-files.",
+        of_one=True,
     )
-    cancel.add_argument("task_id", metavar="ID", help="the download's task id")
     cancel.add_argument(
         "--delete-files", action="store_true", help="also delete its downloaded files"
     )
-    ack = command(
+    command(
         "ack",
         "acknowledge a completed or failed download (the daemon forgets it; files stay)",
         "Tell the daemon a completed or failed download was taken care of: the daemon forgets "
         "it and stops re-sending its event. The downloaded files stay where they are.",
+        of_one=True,
     )
-    ack.add_argument("task_id", metavar="ID", help="the download's task id")
     command(
         "stats",
         "show the daemon's counters",
