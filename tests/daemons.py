@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,13 @@ class Daemon:
     Readiness is READY=1 on a NOTIFY_SOCKET the test binds, as systemd would.
     """
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
+    ) -> None:
+        """`command_prefix` runs the daemon through another program (a sandbox, say)."""
         self.config = config
         self.socket = socket_of(config)
         self._notify_dir = Path(tempfile.mkdtemp(prefix="dkn"))
@@ -74,7 +80,7 @@ class Daemon:
         self.log = config.parent / "daemon.log"
         self._log_file = self.log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", "--config", str(config)],
+            [*command_prefix, sys.executable, "-m", "supervisor", "serve", "--config", str(config)],
             stderr=self._log_file,
             env={**os.environ, "NOTIFY_SOCKET": str(self._notify_dir / "notify"), **(env or {})},
         )

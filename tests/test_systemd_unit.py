@@ -5,11 +5,9 @@ download inside that sandbox."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import Config
-from tests.daemons import DEADLINE, Daemon, socket_of, write_config
+from tests.daemons import DEADLINE, Daemon, write_config
 from tests.swarm import seeding
 from tests.torrents import make_payload
 
@@ -213,30 +211,8 @@ os.execv(command[0], command)
 """
 
 
-class SandboxedDaemon(Daemon):
-    """`Daemon`, started through SANDBOX (tests/daemons.py has no command prefix to give)."""
-
-    def __init__(self, config: Path, readonly: Path, writable: list[Path]) -> None:
-        self.config = config
-        self.socket = socket_of(config)
-        self._notify_dir = Path(tempfile.mkdtemp(prefix="dkn"))
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self._notify_dir / "notify"))
-        self.notify.settimeout(DEADLINE)
-        self.log = config.parent / "daemon.log"
-        self._log_file = self.log.open("ab")
-        sandbox = [sys.executable, "-c", SANDBOX, str(readonly), *map(str, writable), "--"]
-        command = [sys.executable, "-m", "supervisor", "serve", "--config", str(config)]
-        self.process = subprocess.Popen(
-            [*sandbox, *command],
-            stderr=self._log_file,
-            env={**os.environ, "NOTIFY_SOCKET": str(self._notify_dir / "notify")},
-        )
-        self.notices: list[str] = []
-
-
 @pytest.fixture
-def sandboxed(tmp_path: Path) -> Iterator[SandboxedDaemon]:
+def sandboxed(tmp_path: Path) -> Iterator[Daemon]:
     # The unit's /srv/media is this test's library; only its ReadWritePaths stay writable.
     library = tmp_path / "library"
     writable = []
@@ -244,16 +220,15 @@ def sandboxed(tmp_path: Path) -> Iterator[SandboxedDaemon]:
         inside = library / Path(path).relative_to(Config().library_path)
         inside.mkdir(parents=True)  # the install steps make them; systemd needs them to exist
         writable.append(inside)
-    daemon = SandboxedDaemon(write_config(tmp_path / "etc", library), library, writable)
+    sandbox = [sys.executable, "-c", SANDBOX, str(library), *map(str, writable), "--"]
+    daemon = Daemon(write_config(tmp_path / "etc", library), command_prefix=sandbox)
     try:
         yield daemon
     finally:
         daemon.close()
 
 
-def test_a_download_completes_inside_the_units_sandbox(
-    sandboxed: SandboxedDaemon, tmp_path: Path
-) -> None:
+def test_a_download_completes_inside_the_units_sandbox(sandboxed: Daemon, tmp_path: Path) -> None:
     payload = make_payload(tmp_path / "seed", "Film", {"film.mkv": 1_500_000})
     with seeding(payload) as seeder:
         sandboxed.wait_ready()
