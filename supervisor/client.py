@@ -54,6 +54,7 @@ from supervisor.errors import (
     PathNotAllowed,
     TooLarge,
     UnknownOp,
+    leaves,
 )
 from supervisor.messages import (
     API_EVENTS,
@@ -493,7 +494,7 @@ class DlkeeperClient:
         except BaseExceptionGroup as group:
             # The task group wraps what the `async with` block raised; a caller's
             # `except DaemonUnavailable` must see it as raised, not inside a group.
-            if exc is None or _leaves(group) != [exc]:
+            if exc is None or list(leaves(group)) != [exc]:
                 raise
             own = exc
         finally:
@@ -812,13 +813,6 @@ class _EventIterator:
 
     async def __anext__(self) -> ApiEvent:
         return await self._client._next_event()
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for member in group.exceptions:
-        leaves.extend(_leaves(member) if isinstance(member, BaseExceptionGroup) else [member])
-    return leaves
 
 
 def _parse(model: type[M], result: dict[str, Any], op: str) -> M:

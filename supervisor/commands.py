@@ -18,7 +18,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +53,7 @@ from supervisor.client import (
     RequestError,
     RequestTimeout,
 )
-from supervisor.errors import DlkeeperError
+from supervisor.errors import DlkeeperError, leaves
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -123,7 +123,7 @@ def run_command(args: argparse.Namespace, socket_path: Path) -> int:
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED
     except BaseException as exc:
-        if any(isinstance(error, BrokenPipeError | ReaderGone) for error in _leaves(exc)):
+        if any(isinstance(error, BrokenPipeError | ReaderGone) for error in leaves(exc)):
             # The reader went away (`dlkeeper watch | head`): end as quietly as `cat` would,
             # with nothing left for Python to flush into the closed pipe at exit.
             _silence_stdout()
@@ -144,7 +144,7 @@ async def _one_shot(
 
 def _problem(exc: BaseException) -> str | None:
     """The one line to print for an error the user can act on; None for a bug."""
-    for error in _leaves(exc):
+    for error in leaves(exc):
         if isinstance(error, RequestTimeout):
             return f"dlkeeper: {error.message}"
         if isinstance(error, DaemonNotRunning):
@@ -156,14 +156,6 @@ def _problem(exc: BaseException) -> str | None:
         if isinstance(error, ProtocolError | CommandFailed):
             return f"dlkeeper: {error}"
     return None
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
 
 
 # --- the one-shot commands ----------------------------------------------------------------------

@@ -41,7 +41,7 @@ from supervisor.client import (
     DownloadInfo,
     DownloadProgressEvent,
 )
-from supervisor.errors import DlkeeperError
+from supervisor.errors import DlkeeperError, leaves
 
 if TYPE_CHECKING:
     from anyio.abc import Process, UNIXDatagramSocket
@@ -337,13 +337,6 @@ def _stop(progress: Progress) -> None:
         progress.stop()
 
 
-def _leaf(error: BaseException) -> BaseException:
-    """The first exception inside (nested) exception groups, or `error` itself."""
-    while isinstance(error, BaseExceptionGroup) and error.exceptions:
-        error = error.exceptions[0]
-    return error
-
-
 def _tail(path: Path, lines: int = 1) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
@@ -499,7 +492,7 @@ class Demo:
                 yield client
         except BaseException as exc:
             # What the block raised may come inside the exception groups of its own tasks.
-            error = _leaf(exc)
+            error = next(leaves(exc), exc)  # the first, when groups wrap it
             if isinstance(error, DlkeeperError):
                 raise self.daemon_problem(daemon, error) from error
             if error is exc:

@@ -165,6 +165,16 @@ class StateWriteFailed(StateError):
     """The state could not be written (disk full, I/O error); the change was not made."""
 
 
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside `exc`'s (nested) exception groups, in order; `exc` itself when it
+    is not a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
+
+
 def first_dlkeeper_error(exc: BaseException) -> DlkeeperError | None:
     """The error that explains `exc`: the first `DlkeeperError` in it (looking inside exception
     groups and at what killed an actor), preferring a root cause to an `ActorDied`."""
