@@ -9,7 +9,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from supervisor.errors import DlkeeperError
+from actors.errors import DlkeeperError
 
 TEMP_PREFIX = ".dlkeeper."
 TEMP_SUFFIX = ".tmp"

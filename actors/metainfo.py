@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-from supervisor.errors import InvalidMagnet, InvalidTorrent
+from actors.errors import InvalidMagnet, InvalidTorrent
 
 _MAX_DEPTH = 64
 _HEX40 = re.compile(r"[0-9a-fA-F]{40}")

@@ -17,22 +17,22 @@ from datetime import UTC, datetime
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from actors.persistence import Persistence
-from actors.state import ACTIVE_STATUSES, DownloadStatus
-from supervisor.bus import EventBus
-from supervisor.downloads import completed_event, failed_event
-from supervisor.errors import DlkeeperError, NotFound, StaleChange
-from supervisor.mailbox import Actor, Envelope
-from supervisor.messages import (
+from actors.bus import EventBus
+from actors.downloads import completed_event, failed_event
+from actors.errors import DlkeeperError, NotFound, StaleChange
+from actors.mailbox import Actor, Envelope
+from actors.messages.persistence import RecordChanges
+from actors.messages.session import (
     DownloadErrored,
     DownloadFinished,
     DownloadMetadataKept,
     DownloadProgressKept,
     DownloadStateChanged,
-    RecordChanges,
     SessionEvent,
     WorkerRestarted,
 )
+from actors.persistence import Persistence
+from actors.state import ACTIVE_STATUSES, DownloadStatus
 
 log = logging.getLogger(__name__)
 

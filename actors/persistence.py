@@ -18,9 +18,7 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from actors.state import FINISHED_STATUSES, DownloadRecord, DownloadStatus
-from actors.statefile import LoadReport, StateStore
-from supervisor.errors import (
+from actors.errors import (
     BadRequest,
     DlkeeperError,
     Duplicate,
@@ -28,15 +26,15 @@ from supervisor.errors import (
     StaleChange,
     StateWriteFailed,
 )
-from supervisor.mailbox import Actor, ActorRef, Envelope, Reply, expect
-from supervisor.messages import (
+from actors.mailbox import Actor, ActorRef, Envelope, Reply, expect
+from actors.messages.base import Message
+from actors.messages.persistence import (
     AckRecord,
     AddRecord,
     AddRecordReply,
     GetPersistenceStats,
     GetRecord,
     GetSnapshot,
-    Message,
     PersistenceCommand,
     PersistenceStatsReply,
     RecordChanges,
@@ -46,6 +44,8 @@ from supervisor.messages import (
     StateMutation,
     UpdateRecord,
 )
+from actors.state import FINISHED_STATUSES, DownloadRecord, DownloadStatus
+from actors.statefile import LoadReport, StateStore
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ import orjson
 from pydantic import ValidationError
 
 from actors.atomic import read_small_file
+from actors.errors import DlkeeperError
 from actors.metainfo import TorrentSummary, bdecode, bencode, magnet_info_hash, read_torrent
 from actors.state import (
     ACTIVE_STATUSES,
@@ -36,7 +37,6 @@ from actors.state import (
     MigrationContext,
     decode_state,
 )
-from supervisor.errors import DlkeeperError
 
 # As the session actor reads them (actors.session.MAX_RESUME_BYTES); not imported from there so
 # that the recovery commands do not load the actor machinery.

@@ -38,10 +38,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import ValidationError
 
 from actors.atomic import read_small_file, write_file_atomically
-from actors.metainfo import torrent_info_hash, torrent_name
-from actors.persistence import Persistence
-from actors.state import ACTIVE_STATUSES, MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
-from supervisor.errors import (
+from actors.errors import (
     BadRequest,
     ConfigError,
     DlkeeperError,
@@ -50,12 +47,10 @@ from supervisor.errors import (
     NotFound,
     NotReady,
 )
-from supervisor.mailbox import Actor, ActorRef, Envelope, Reply, expect
-from supervisor.messages import (
-    WORKER_OUTPUT,
-    AddTorrent,
+from actors.mailbox import Actor, ActorRef, Envelope, Reply, expect
+from actors.messages.base import Message
+from actors.messages.session import (
     AwaitReplayed,
-    ConfigureSession,
     DoneReply,
     DownloadErrored,
     DownloadFinished,
@@ -64,28 +59,33 @@ from supervisor.messages import (
     DownloadStateChanged,
     GetDownloadStatus,
     GetSessionStats,
-    GetTorrentStatus,
-    Message,
-    MetadataReceived,
     PauseDownload,
-    PauseTorrent,
-    Ping,
-    RemoveTorrent,
-    ResumeDataSaved,
     ResumeDownload,
     ResumeSavedReply,
-    ResumeTorrent,
     SaveAllResumeData,
-    SaveResumeData,
     SessionCommand,
     SessionEvent,
     SessionStatsReply,
     SetDownloadFiles,
-    SetFilePriorities,
-    SettingsRejected,
     StartDownload,
     StatusReply,
     StopDownload,
+    WorkerRestarted,
+)
+from actors.messages.worker import (
+    WORKER_OUTPUT,
+    AddTorrent,
+    ConfigureSession,
+    GetTorrentStatus,
+    MetadataReceived,
+    PauseTorrent,
+    Ping,
+    RemoveTorrent,
+    ResumeDataSaved,
+    ResumeTorrent,
+    SaveResumeData,
+    SetFilePriorities,
+    SettingsRejected,
     TorrentFailed,
     TorrentFinished,
     TorrentStateChanged,
@@ -93,8 +93,10 @@ from supervisor.messages import (
     WorkerCommand,
     WorkerReady,
     WorkerReply,
-    WorkerRestarted,
 )
+from actors.metainfo import torrent_info_hash, torrent_name
+from actors.persistence import Persistence
+from actors.state import ACTIVE_STATUSES, MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,14 @@ import libtorrent as lt
 import orjson
 from pydantic import ValidationError
 
-from supervisor.errors import BadRequest, DlkeeperError, InvalidMagnet, InvalidTorrent, NotFound
-from supervisor.messages import (
+from actors.errors import BadRequest, DlkeeperError, InvalidMagnet, InvalidTorrent, NotFound
+from actors.messages.base import Message
+from actors.messages.worker import (
     WORKER_REQUESTS,
     AddTorrent,
     ConfigureSession,
     FileEntry,
     GetTorrentStatus,
-    Message,
     MetadataReceived,
     PauseTorrent,
     Ping,

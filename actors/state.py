@@ -28,8 +28,8 @@ from pydantic import (
 )
 
 from actors.atomic import read_small_file
+from actors.errors import DlkeeperError, StateTooNew
 from actors.metainfo import magnet_info_hash, torrent_info_hash
-from supervisor.errors import DlkeeperError, StateTooNew
 
 log = logging.getLogger(__name__)
 

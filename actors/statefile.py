@@ -18,6 +18,7 @@ from pathlib import Path
 import filelock
 
 from actors.atomic import fsync_directory, write_file_atomically, write_temporary
+from actors.errors import StateError, StateLocked
 from actors.state import (
     CURRENT_VERSION,
     CorruptState,
@@ -28,7 +29,6 @@ from actors.state import (
     encode_entries,
     encode_entry,
 )
-from supervisor.errors import StateError, StateLocked
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from benchlib import add_dir_argument, check_dir, cores, in_work_dir, print_plat
 from benchlib import distribution as _distribution
 from benchseeder import Sample, raw_alert_mask, seeder_settings, seeder_view, wait_finished
 
-from supervisor.messages import DownloadFinished
+from actors.messages.session import DownloadFinished
 from tests.sessions import Library, running_session
 from tests.swarm import LOOPBACK_SETTINGS, Seeder, seeding
 from tests.torrents import Payload, make_payload

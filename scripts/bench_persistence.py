@@ -37,11 +37,11 @@ from benchlib import (
     verdict,
 )
 
+from actors.mailbox import actor_group
+from actors.messages.persistence import RecordChanges
 from actors.persistence import Persistence, PersistenceActor
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext
 from actors.statefile import StateStore
-from supervisor.mailbox import actor_group
-from supervisor.messages import RecordChanges
 
 ENTRIES = 1_000
 CALLER_COUNTS = (1, 10, 100)

@@ -67,13 +67,14 @@ from benchlib import (
     time_command,
 )
 
+from actors.mailbox import actor_group
+from actors.messages.session import SessionEvent
+from actors.messages.worker import WORKER_OUTPUT, ConfigureSession, WorkerReady
 from actors.metainfo import bencode
 from actors.persistence import Persistence, PersistenceActor
 from actors.session import Session, SessionActor, SessionOptions
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext
 from actors.statefile import StateStore
-from supervisor.mailbox import actor_group
-from supervisor.messages import WORKER_OUTPUT, ConfigureSession, SessionEvent, WorkerReady
 
 GOAL = 1.0  # seconds for the replay, worker start included
 PIECE = 16 * 1024

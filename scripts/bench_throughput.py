@@ -62,7 +62,7 @@ from benchlib import (
 )
 from benchseeder import raw_alert_mask
 
-from supervisor.messages import DownloadFinished
+from actors.messages.session import DownloadFinished
 from tests.sessions import Library, running_session
 from tests.swarm import LOOPBACK_SETTINGS, Seeder, seeding
 from tests.torrents import Payload, make_payload

@@ -26,6 +26,33 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.atomic import read_small_file, write_file_atomically
+from actors.bus import EventBus
+from actors.downloads import download_info
+from actors.errors import (
+    BadRequest,
+    DlkeeperError,
+    Duplicate,
+    InvalidTorrent,
+    NotFound,
+    NotReady,
+    PathNotAllowed,
+    UnknownOp,
+)
+from actors.messages.base import Message
+from actors.messages.persistence import AddRecordReply, RecordChanges
+from actors.messages.wire import (
+    AddResult,
+    DownloadAddedEvent,
+    DownloadInfo,
+    DownloadPausedEvent,
+    DownloadRemovedEvent,
+    DownloadResumedEvent,
+    EmptyResult,
+    ListResult,
+    PingResult,
+    StatsResult,
+)
+from actors.messages.worker import TorrentStatus
 from actors.metainfo import magnet_info_hash, read_torrent
 from actors.persistence import Persistence
 from actors.session import Session
@@ -37,35 +64,7 @@ from actors.state import (
     DownloadStatus,
 )
 from supervisor import __version__
-from supervisor.bus import EventBus
 from supervisor.config import Config
-from supervisor.downloads import download_info
-from supervisor.errors import (
-    BadRequest,
-    DlkeeperError,
-    Duplicate,
-    InvalidTorrent,
-    NotFound,
-    NotReady,
-    PathNotAllowed,
-    UnknownOp,
-)
-from supervisor.messages import (
-    AddRecordReply,
-    AddResult,
-    ApiModel,
-    DownloadAddedEvent,
-    DownloadInfo,
-    DownloadPausedEvent,
-    DownloadRemovedEvent,
-    DownloadResumedEvent,
-    EmptyResult,
-    ListResult,
-    PingResult,
-    RecordChanges,
-    StatsResult,
-    TorrentStatus,
-)
 
 _PEER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
 
@@ -128,7 +127,7 @@ class ApiService:
         self._download_root = config.download_path.resolve()  # resolved once, not per add
         # The task_ids of .torrent adds between the claim of their copy's name and their save.
         self._adding_torrents: set[str] = set()
-        self._ops: dict[str, tuple[type[Params], Callable[[Any], Awaitable[ApiModel]]]] = {
+        self._ops: dict[str, tuple[type[Params], Callable[[Any], Awaitable[Message]]]] = {
             "ping": (NoParams, self.ping),
             "add": (AddParams, self.add),
             "get": (TaskParams, self.get),

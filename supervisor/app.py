@@ -11,29 +11,21 @@ from collections.abc import AsyncIterator
 
 import anyio
 
+from actors.bus import EventBus
+from actors.errors import DlkeeperError
+from actors.mailbox import actor_group
+from actors.messages.session import SessionEvent
 from actors.monitor import MonitorActor
 from actors.persistence import Persistence, PersistenceActor
 from actors.session import Session, SessionActor, SessionOptions
 from actors.state import MigrationContext
 from actors.statefile import StateStore
-from supervisor import systemd
+from supervisor import exits, systemd
 from supervisor.api import ApiService
-from supervisor.bus import EventBus
 from supervisor.config import Config
-from supervisor.errors import DlkeeperError
-from supervisor.mailbox import actor_group
-from supervisor.messages import SessionEvent
 from supervisor.server import ApiServer
 
 log = logging.getLogger(__name__)
-
-# Exit statuses of `dlkeeper serve` (CONTRACT section 1).
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-EXIT_LOCKED = 3
-
-EXIT_INTERRUPTED = 128 + signal.SIGTERM  # a second signal while stopping
 
 # Spawning the worker and replaying 1,000 downloads takes about a second; a slow SD card more.
 SESSION_START_TIMEOUT = 120.0
@@ -115,7 +107,7 @@ async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:
     # Every file dlkeeper writes is replaced atomically, so leaving now corrupts nothing; the
     # worker sees its stdin close and exits too.
     log.warning("received %s while stopping: exiting at once", received.name)
-    os._exit(EXIT_INTERRUPTED)
+    os._exit(exits.TERMINATED)
 
 
 async def _pet_watchdog(session: Session, healthy_age: float) -> None:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import anyio
 
-from supervisor import __version__
-from supervisor.app import EXIT_CONFIG, EXIT_FAILURE, EXIT_LOCKED, EXIT_OK, run_daemon
+from actors.errors import ConfigError, StateLocked, first_dlkeeper_error
+from supervisor import __version__, exits
 from supervisor.config import PathFlags, load_config
-from supervisor.errors import ConfigError, StateLocked, first_dlkeeper_error
 
 # The contract's bounds of a subscription's progress_interval.
 MIN_INTERVAL = 0.05
@@ -251,12 +250,14 @@ def _serve(args: argparse.Namespace) -> int:
         config = load_config(path_flags(args))
     except ConfigError as exc:
         print(f"dlkeeper: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exits.CONFIG
+    from supervisor.app import run_daemon  # noqa: PLC0415 (the daemon: only for serve)
+
     try:
         anyio.run(run_daemon, config)
     except BaseException as exc:
         return _exit_status(exc)
-    return EXIT_OK
+    return exits.OK
 
 
 def _client_command(args: argparse.Namespace) -> int:
@@ -265,7 +266,7 @@ def _client_command(args: argparse.Namespace) -> int:
         config = load_config(path_flags(args))
     except ConfigError as exc:
         print(f"dlkeeper: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exits.CONFIG
     from supervisor.commands import run_command  # noqa: PLC0415 (rich: not for serve)
 
     return run_command(args, config.socket)
@@ -279,14 +280,14 @@ def _demo(*, keep: bool) -> int:
 
 def _exit_status(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
-        return EXIT_OK
+        return exits.OK
     error = first_dlkeeper_error(exc)
     if error is None:
         raise exc
     print(f"dlkeeper: {error}", file=sys.stderr)
     if isinstance(error, ConfigError):
-        return EXIT_CONFIG
-    return EXIT_LOCKED if isinstance(error, StateLocked) else EXIT_FAILURE
+        return exits.CONFIG
+    return exits.LOCKED if isinstance(error, StateLocked) else exits.FAILURE
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 from pydantic import BaseModel, ValidationError
 
-from supervisor.errors import (
+from actors.errors import (
     BadRequest,
     DlkeeperError,
     Duplicate,
@@ -56,7 +56,7 @@ from supervisor.errors import (
     UnknownOp,
     leaves,
 )
-from supervisor.messages import (
+from actors.messages.wire import (
     API_EVENTS,
     AddResult,
     ApiError,

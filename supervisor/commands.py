@@ -37,6 +37,8 @@ from rich.table import Table
 from rich.text import Text
 
 from actors.atomic import read_small_file
+from actors.errors import DlkeeperError, leaves
+from supervisor import exits
 from supervisor.client import (
     ApiEvent,
     DaemonNotRunning,
@@ -53,12 +55,6 @@ from supervisor.client import (
     RequestError,
     RequestTimeout,
 )
-from supervisor.errors import DlkeeperError, leaves
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 128 + signal.SIGINT
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 # A command run by hand should say at once that the daemon is down, not after the client's 10 s.
 CONNECT_TIMEOUT = 2.0
@@ -121,18 +117,18 @@ def run_command(args: argparse.Namespace, socket_path: Path) -> int:
             return anyio.run(_watch, socket_path, args.interval, console)
         return anyio.run(_one_shot, HANDLERS[args.command], args, socket_path, console)
     except KeyboardInterrupt:
-        return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED
+        return exits.OK if args.command == "watch" else exits.INTERRUPTED
     except BaseException as exc:
         if any(isinstance(error, BrokenPipeError | ReaderGone) for error in leaves(exc)):
             # The reader went away (`dlkeeper watch | head`): end as quietly as `cat` would,
             # with nothing left for Python to flush into the closed pipe at exit.
             _silence_stdout()
-            return EXIT_BROKEN_PIPE
+            return exits.BROKEN_PIPE
         problem = _problem(exc)
         if problem is None:
             raise
         print(problem, file=sys.stderr)
-        return EXIT_FAILURE
+        return exits.FAILURE
 
 
 async def _one_shot(
@@ -169,14 +165,14 @@ async def _ls(client: DlkeeperClient, args: argparse.Namespace, console: Console
         console.print("no downloads")
     else:
         console.print(_downloads_table(downloads, console.width))
-    return EXIT_OK
+    return exits.OK
 
 
 async def _info(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:
     info = await client.get(args.task_id)
     if args.json:
         _print_json(_jsonable(info))
-        return EXIT_OK
+        return exits.OK
     _print_fields(console, _details(info))
     console.print()
     if info.files:
@@ -189,7 +185,7 @@ async def _info(client: DlkeeperClient, args: argparse.Namespace, console: Conso
         console.print(files)
     else:
         console.print("files: not known yet (the magnet's metadata has not arrived)")
-    return EXIT_OK
+    return exits.OK
 
 
 async def _add(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:
@@ -213,7 +209,7 @@ async def _add(client: DlkeeperClient, args: argparse.Namespace, console: Consol
         _print_json(_jsonable(result))
     else:
         console.print(Text(result.task_id))
-    return EXIT_OK
+    return exits.OK
 
 
 async def _torrent_file(source: str) -> tuple[str | None, str | None]:
@@ -246,7 +242,7 @@ def _show_status(info: DownloadInfo, args: argparse.Namespace, console: Console)
         _print_json(_jsonable(info))
     else:
         console.print(Text(f"{info.task_id}: {info.status}"))
-    return EXIT_OK
+    return exits.OK
 
 
 async def _cancel(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:
@@ -256,7 +252,7 @@ async def _cancel(client: DlkeeperClient, args: argparse.Namespace, console: Con
     else:
         files = "its files deleted" if args.delete_files else "its files kept"
         console.print(Text(f"{args.task_id}: cancelled, {files}"))
-    return EXIT_OK
+    return exits.OK
 
 
 async def _ack(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:
@@ -265,14 +261,14 @@ async def _ack(client: DlkeeperClient, args: argparse.Namespace, console: Consol
         _print_json({})
     else:
         console.print(Text(f"{args.task_id}: acknowledged, the daemon forgot it (files kept)"))
-    return EXIT_OK
+    return exits.OK
 
 
 async def _stats(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:
     stats = await client.stats()
     if args.json:
         _print_json(_jsonable(stats))
-        return EXIT_OK
+        return exits.OK
     version = (await client.ping()).version
     counts = ", ".join(f"{count} {status}" for status, count in sorted(stats.downloads.items()))
     fields = [
@@ -284,7 +280,7 @@ async def _stats(client: DlkeeperClient, args: argparse.Namespace, console: Cons
         ("worker restarts", str(stats.worker_restarts)),
     ]
     _print_fields(console, [(key, Text(value)) for key, value in fields])
-    return EXIT_OK
+    return exits.OK
 
 
 HANDLERS: dict[str, Handler] = {
@@ -680,7 +676,7 @@ async def _watch(socket_path: Path, interval: float, console: Console) -> int:
                 tasks.start_soon(watcher.relist_now_and_then)
                 tasks.start_soon(screen.run, view)
                 tasks.start_soon(_end_when_the_reader_goes)
-    return EXIT_OK
+    return exits.OK
 
 
 async def _end_when_the_reader_goes() -> None:

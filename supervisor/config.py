@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from supervisor.errors import ConfigError
+from actors.errors import ConfigError
 
 CONFIG_ENV = "DLKEEPER_CONFIG"
 DEFAULT_LIBRARY_PATH = Path("/srv/media")

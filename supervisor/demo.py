@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from actors.errors import DlkeeperError, leaves
 from actors.metainfo import bdecode
+from supervisor import exits
 from supervisor.client import (
     DlkeeperClient,
     DownloadCompletedEvent,
@@ -41,16 +43,12 @@ from supervisor.client import (
     DownloadInfo,
     DownloadProgressEvent,
 )
-from supervisor.errors import DlkeeperError, leaves
 
 if TYPE_CHECKING:
     from anyio.abc import Process, UNIXDatagramSocket
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 MiB = 1024 * 1024
 TASK_ID = "demo"
@@ -775,7 +773,7 @@ def run_demo(*, keep: bool) -> int:
         folder = Folder.create()
     except OSError as exc:
         errors.print(f"[red]✗[/] cannot create the demo folder: {exc}")
-        return EXIT_FAILED
+        return exits.FAILURE
     console.print("[bold]dlkeeper demo[/]: a download that survives a SIGKILL of its daemon")
     console.print(f"  in {folder.root}")
     try:
@@ -783,13 +781,13 @@ def run_demo(*, keep: bool) -> int:
     except DemoFailed as exc:
         hint = f" (logs in {folder.root})" if keep else " (run with --keep to read the logs)"
         errors.print(f"[red]✗[/] {exc}{hint}")
-        return EXIT_FAILED
+        return exits.FAILURE
     except (Interrupted, KeyboardInterrupt):
         errors.print("[red]✗[/] interrupted; every process the demo started is stopped")
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     except OSError as exc:
         errors.print(f"[red]✗[/] {exc}")
-        return EXIT_FAILED
+        return exits.FAILURE
     finally:
         if keep:
             console.print(f"Kept the demo folder: {folder.root}")
@@ -798,7 +796,7 @@ def run_demo(*, keep: bool) -> int:
     total = time.monotonic() - started
     _summary(console, findings, total)
     console.print(f"[green]✓ all checks passed[/] in {total:.1f} s")
-    return EXIT_OK
+    return exits.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,19 +21,15 @@ import orjson
 from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from actors.bus import EventBus, Subscription
+from actors.downloads import completed_event, failed_event
+from actors.errors import BadRequest, ConfigError, DlkeeperError, Duplicate, TooLarge
+from actors.messages.base import Message
+from actors.messages.wire import DownloadCompletedEvent, DownloadFailedEvent, DownloadProgressEvent
 from actors.persistence import Persistence
 from actors.session import Session
 from actors.state import DownloadStatus
 from supervisor.api import ApiService
-from supervisor.bus import EventBus, Subscription
-from supervisor.downloads import completed_event, failed_event
-from supervisor.errors import BadRequest, ConfigError, DlkeeperError, Duplicate, TooLarge
-from supervisor.messages import (
-    ApiModel,
-    DownloadCompletedEvent,
-    DownloadFailedEvent,
-    DownloadProgressEvent,
-)
 
 log = logging.getLogger(__name__)
 
@@ -312,5 +308,5 @@ def _error_reply(request_id: Any, error: BaseException) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": body}
 
 
-def _event(event: ApiModel) -> dict[str, Any]:
+def _event(event: Message) -> dict[str, Any]:
     return event.model_dump(mode="json")

@@ -21,6 +21,13 @@ from pathlib import Path
 import orjson
 
 from actors.atomic import read_small_file, write_file_atomically
+from actors.errors import (
+    ConfigError,
+    DlkeeperError,
+    StateError,
+    StateLocked,
+    StateTooNew,
+)
 from actors.recovery import (
     LibraryPaths,
     Problem,
@@ -45,21 +52,10 @@ from actors.state import (
     decode_state,
 )
 from actors.statefile import StateStore, utc_stamp
-from supervisor import __version__
+from supervisor import __version__, exits
 from supervisor.cli import add_path_flags, path_flags
 from supervisor.config import load_config
-from supervisor.errors import (
-    ConfigError,
-    DlkeeperError,
-    StateError,
-    StateLocked,
-    StateTooNew,
-)
 
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
-EXIT_LOCKED = 3
 # A FILE given to `restore --from` is read only if it is a regular file below this size.
 _MAX_STATE_BYTES = 1024 * 1024 * 1024
 
@@ -77,7 +73,7 @@ class _Refused(Exception):
     """A command that stops with one line on stderr and an exit status, having changed nothing
     (or, after writing started, nothing that is not reported)."""
 
-    def __init__(self, message: str, status: int = EXIT_PROBLEMS) -> None:
+    def __init__(self, message: str, status: int = exits.FAILURE) -> None:
         super().__init__(message)
         self.status = status
 
@@ -191,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(path_flags(args))
     except ConfigError as exc:
         print(f"dlkeeper-state: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.CONFIG
     library = _Library(
         StateStore(config.state_dir, MigrationContext(download_path=config.download_path)),
         LibraryPaths(config.download_path),
@@ -216,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"dlkeeper-state: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_PROBLEMS
+        return exits.FAILURE
 
 
 def _require_folder(library_path: Path) -> None:
@@ -230,7 +226,7 @@ def _locked(store: StateStore) -> Iterator[None]:
     try:
         store.acquire_lock()
     except StateLocked as exc:
-        raise _Refused(f"{exc}; stop the daemon first", EXIT_LOCKED) from None
+        raise _Refused(f"{exc}; stop the daemon first", exits.LOCKED) from None
     except StateError as exc:  # the state folder cannot be made or written
         raise _Refused(str(exc)) from None
     try:
@@ -247,7 +243,7 @@ def _show(store: StateStore, *, as_json: bool) -> int:
         decoded = store.read()
     except (CorruptState, StateTooNew) as exc:
         print(f"dlkeeper-state: {store.path}: {exc}", file=sys.stderr)
-        return EXIT_PROBLEMS
+        return exits.FAILURE
     downloads = decoded.downloads if decoded is not None else {}
     if as_json:
         payload = {
@@ -255,17 +251,17 @@ def _show(store: StateStore, *, as_json: bool) -> int:
             "downloads": {k: r.model_dump(mode="json") for k, r in downloads.items()},
         }
         sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
-        return EXIT_OK
+        return exits.OK
     if decoded is None:
         print(f"no state file at {store.path}")
-        return EXIT_OK
+        return exits.OK
     if decoded.from_version != 1:
         print(f"(version {decoded.from_version} file: the daemon migrates it when it next starts)")
     count = len(downloads)
     print(f"{_count(count, 'download')} in {store.path}")
     for record in sorted(downloads.values(), key=lambda r: r.created_at):
         print(_line(record))
-    return EXIT_OK
+    return exits.OK
 
 
 def _line(record: DownloadRecord) -> str:
@@ -345,7 +341,7 @@ def _check(library: _Library, *, as_json: bool) -> int:
             print(f"  {problem}")
         for hint in hints:
             print(f"hint: {hint}")
-    return EXIT_PROBLEMS if problems else EXIT_OK
+    return exits.FAILURE if problems else exits.OK
 
 
 def _recreate_hints(library: _Library) -> list[str]:
@@ -408,7 +404,7 @@ def _repair(library: _Library) -> int:
     ):
         print(f"nothing to repair: every download in {store.path} can be resumed")
         _print_remaining(downloads, paths)
-        return EXIT_OK
+        return exits.OK
     if quarantine:
         data = merge_quarantine(existing_quarantine, quarantine, datetime.now(UTC))
         write_file_atomically(store.quarantine_path, data)
@@ -430,7 +426,7 @@ def _repair(library: _Library) -> int:
         + (f", the quarantined entries are in {store.quarantine_path.name}" if quarantine else "")
     )
     _print_remaining(downloads, paths)
-    return EXIT_OK
+    return exits.OK
 
 
 def _recreate_torrents(downloads: dict[str, DownloadRecord], paths: LibraryPaths) -> list[str]:
@@ -534,7 +530,7 @@ def _rebuild(library: _Library, *, force: bool) -> int:
             f"hint: {store.backup_path.name} exists; if it loads, `dlkeeper-state restore` "
             "brings back those fields too (for the downloads it holds)"
         )
-    return EXIT_OK
+    return exits.OK
 
 
 def _backup_loads(store: StateStore) -> bool:
@@ -592,7 +588,7 @@ def _restore(library: _Library, source: Path | None) -> int:
     problems = check_records(decoded.downloads, library.paths)
     if problems:
         print(f"`dlkeeper-state check` finds {_count(len(problems), 'problem')} in it")
-    return EXIT_OK
+    return exits.OK
 
 
 # --- remove -------------------------------------------------------------------------------------
@@ -624,7 +620,7 @@ def _remove(library: _Library, task_id: str) -> int:
         f"{store.quarantine_path.name}, its .torrent/.fastresume copies and downloaded files "
         "are left in place"
     )
-    return EXIT_OK
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ import anyio
 import anyio._backends._asyncio
 import anyio.to_thread
 
+from actors.mailbox import actor_group
+from actors.messages.persistence import RecordChanges
 from actors.persistence import Persistence, PersistenceActor
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext
 from actors.statefile import StateStore
-from supervisor.mailbox import actor_group
-from supervisor.messages import RecordChanges
 
 SLOTS_PER_WORKER = 4
 REMOVE_CHANCE = 0.25

@@ -15,13 +15,14 @@ import anyio
 import libtorrent as lt
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from actors.mailbox import actor_group
+from actors.messages.session import SessionEvent
+from actors.messages.worker import TorrentStatus
 from actors.monitor import MonitorActor
 from actors.persistence import Persistence, PersistenceActor
 from actors.session import Session, SessionActor, SessionOptions
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext
 from actors.statefile import StateStore
-from supervisor.mailbox import actor_group
-from supervisor.messages import SessionEvent, TorrentStatus
 from tests.swarm import LOOPBACK_SETTINGS
 from tests.torrents import Payload
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from supervisor.bus import EventBus
-from supervisor.messages import DownloadAddedEvent
+from actors.bus import EventBus
+from actors.messages.wire import DownloadAddedEvent
 
 pytestmark = pytest.mark.anyio
 

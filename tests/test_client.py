@@ -21,14 +21,7 @@ import pytest
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from supervisor.client import (
-    DaemonNotRunning,
-    DaemonUnavailable,
-    DlkeeperClient,
-    RequestError,
-    RequestTimeout,
-)
-from supervisor.errors import (
+from actors.errors import (
     BadRequest,
     DlkeeperError,
     Duplicate,
@@ -40,11 +33,18 @@ from supervisor.errors import (
     TooLarge,
     UnknownOp,
 )
-from supervisor.messages import (
+from actors.messages.wire import (
     ApiEvent,
     DownloadCompletedEvent,
     DownloadProgressEvent,
     DownloadRemovedEvent,
+)
+from supervisor.client import (
+    DaemonNotRunning,
+    DaemonUnavailable,
+    DlkeeperClient,
+    RequestError,
+    RequestTimeout,
 )
 
 pytestmark = pytest.mark.anyio

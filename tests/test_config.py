@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from actors.errors import ConfigError
 from supervisor.config import DEFAULT_SOCKET, PathFlags, load_config
-from supervisor.errors import ConfigError
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

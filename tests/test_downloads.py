@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from actors.downloads import download_info
+from actors.messages.worker import TorrentStatus
 from actors.state import DownloadStatus
-from supervisor.downloads import download_info
-from supervisor.messages import TorrentStatus
 from tests.records import make_record
 
 

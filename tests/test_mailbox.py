@@ -14,8 +14,8 @@ import anyio.lowlevel
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from supervisor.errors import ActorDied, AskTimeout, DlkeeperError, MailboxFull
-from supervisor.mailbox import (
+from actors.errors import ActorDied, AskTimeout, DlkeeperError, MailboxFull
+from actors.mailbox import (
     Actor,
     ActorRef,
     Envelope,

@@ -16,10 +16,7 @@ import orjson
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from actors.persistence import Persistence, PersistenceActor
-from actors.state import DownloadRecord, DownloadStatus, MigrationContext
-from actors.statefile import LoadReport, LoadSource, StateStore
-from supervisor.errors import (
+from actors.errors import (
     ActorDied,
     BadRequest,
     Duplicate,
@@ -29,8 +26,11 @@ from supervisor.errors import (
     StateLocked,
     StateTooNew,
 )
-from supervisor.mailbox import actor_group
-from supervisor.messages import RecordChanges
+from actors.mailbox import actor_group
+from actors.messages.persistence import RecordChanges
+from actors.persistence import Persistence, PersistenceActor
+from actors.state import DownloadRecord, DownloadStatus, MigrationContext
+from actors.statefile import LoadReport, LoadSource, StateStore
 from tests.records import make_record
 
 pytestmark = pytest.mark.anyio
@@ -239,9 +239,9 @@ from pathlib import Path
 from actors.persistence import Persistence, PersistenceActor
 from actors.state import MigrationContext
 from actors.statefile import StateStore
-from supervisor.errors import NotFound, StateWriteFailed
-from supervisor.mailbox import actor_group
-from supervisor.messages import RecordChanges
+from actors.errors import NotFound, StateWriteFailed
+from actors.mailbox import actor_group
+from actors.messages.persistence import RecordChanges
 from tests.records import make_record
 
 async def main() -> None:

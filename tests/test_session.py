@@ -12,17 +12,17 @@ import anyio
 import libtorrent as lt
 import pytest
 
-from actors.metainfo import torrent_info_hash
-from actors.session import RestartIntensityExceeded
-from actors.state import DownloadStatus
-from supervisor.errors import ActorDied, ConfigError, NotReady, first_dlkeeper_error
-from supervisor.messages import (
+from actors.errors import ActorDied, ConfigError, NotReady, first_dlkeeper_error
+from actors.messages.session import (
     DownloadErrored,
     DownloadFinished,
     DownloadMetadataKept,
     DownloadStateChanged,
     WorkerRestarted,
 )
+from actors.metainfo import torrent_info_hash
+from actors.session import RestartIntensityExceeded
+from actors.state import DownloadStatus
 from tests.sessions import Library, resume_progress, running_session
 from tests.swarm import Seeder, seeding
 from tests.torrents import Payload, make_payload

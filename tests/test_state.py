@@ -14,6 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actors.errors import DlkeeperError, InvalidMagnet, InvalidTorrent, StateTooNew
+from actors.messages.persistence import (
+    AckRecord,
+    AddRecord,
+    RecordChanges,
+    RemoveRecord,
+    StateMutation,
+    UpdateRecord,
+)
 from actors.metainfo import magnet_info_hash, torrent_files, torrent_info_hash
 from actors.persistence import apply_mutation
 from actors.state import (
@@ -27,15 +36,6 @@ from actors.state import (
     encode_state,
 )
 from actors.statefile import LoadReport, LoadSource, StateStore
-from supervisor.errors import DlkeeperError, InvalidMagnet, InvalidTorrent, StateTooNew
-from supervisor.messages import (
-    AckRecord,
-    AddRecord,
-    RecordChanges,
-    RemoveRecord,
-    StateMutation,
-    UpdateRecord,
-)
 from tests.records import make_record
 from tests.torrents import make_payload
 

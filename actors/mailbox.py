@@ -22,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from supervisor.errors import (
+from actors.errors import (
     ActorDied,
     AskTimeout,
     ConfigError,

@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from actors.atomic import read_small_file
-from actors.metainfo import torrent_files
-from actors.state import MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
-from supervisor.errors import DlkeeperError
-from supervisor.messages import (
+from actors.errors import DlkeeperError
+from actors.messages.wire import (
     DownloadCompletedEvent,
     DownloadFailedEvent,
     DownloadInfo,
     FileInfo,
     LiveStatus,
-    TorrentStatus,
 )
+from actors.messages.worker import TorrentStatus
+from actors.metainfo import torrent_files
+from actors.state import MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
 
 DEFAULT_PRIORITY = 4  # libtorrent's
 

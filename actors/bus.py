@@ -16,11 +16,11 @@ from typing import TypeVar
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from supervisor.messages import ApiModel
+from actors.messages.base import Message
 
 log = logging.getLogger(__name__)
 
-E = TypeVar("E", bound=ApiModel)
+E = TypeVar("E", bound=Message)
 
 SUBSCRIBER_QUEUE = 1000
 
@@ -29,8 +29,8 @@ SUBSCRIBER_QUEUE = 1000
 class Subscription:
     """One subscriber's queue; `overflowed` once it was dropped for falling behind."""
 
-    events: MemoryObjectReceiveStream[ApiModel]
-    _send: MemoryObjectSendStream[ApiModel]
+    events: MemoryObjectReceiveStream[Message]
+    _send: MemoryObjectSendStream[Message]
     overflowed: bool = False
 
 
@@ -58,7 +58,7 @@ class EventBus:
         return event
 
     def subscribe(self) -> Subscription:
-        send, receive = anyio.create_memory_object_stream[ApiModel](self.queue_size)
+        send, receive = anyio.create_memory_object_stream[Message](self.queue_size)
         subscription = Subscription(receive, send)
         self._subscribers.add(subscription)
         return subscription

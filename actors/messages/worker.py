@@ -1,0 +1,206 @@
+"""The worker protocol: one JSON object per line on the libtorrent worker's stdin (commands,
+each with an `id`) and stdout (replies to those ids, and events). Bytes travel as base64."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from actors.messages.base import Message
+from actors.state import FilePriority, TaskId
+
+
+class WorkerCommand(Message):
+    id: int
+
+
+class ConfigureSession(WorkerCommand):
+    """The first command: start the session with these settings over dlkeeper's defaults."""
+
+    kind: Literal["configure"] = "configure"
+    settings: dict[str, str | int | bool]
+
+
+class AddTorrent(WorkerCommand):
+    """Add a download from .torrent bytes, a magnet link, or resume data (plus one of those)."""
+
+    kind: Literal["add"] = "add"
+    task_id: TaskId
+    torrent_b64: str | None = None
+    magnet: str | None = None
+    resume_b64: str | None = None
+    save_path: str
+    file_priorities: tuple[FilePriority, ...] = ()
+    paused: bool = False
+    peers: tuple[str, ...] = ()
+
+
+class PauseTorrent(WorkerCommand):
+    kind: Literal["pause"] = "pause"
+    task_id: TaskId
+
+
+class ResumeTorrent(WorkerCommand):
+    kind: Literal["resume"] = "resume"
+    task_id: TaskId
+
+
+class RemoveTorrent(WorkerCommand):
+    kind: Literal["remove"] = "remove"
+    task_id: TaskId
+    delete_files: bool = False
+
+
+class SetFilePriorities(WorkerCommand):
+    kind: Literal["set_file_priorities"] = "set_file_priorities"
+    task_id: TaskId
+    file_priorities: tuple[FilePriority, ...]
+
+
+class GetTorrentStatus(WorkerCommand):
+    """Status of one download, or of all when `task_id` is None."""
+
+    kind: Literal["status"] = "status"
+    task_id: TaskId | None = None
+
+
+class SaveResumeData(WorkerCommand):
+    """Save resume data of one download, or of every one that changed when `task_id` is None.
+
+    Answered once every requested save has produced a `ResumeDataSaved` event (or failed).
+    """
+
+    kind: Literal["save_resume_data"] = "save_resume_data"
+    task_id: TaskId | None = None
+    only_if_modified: bool = True
+
+
+class Ping(WorkerCommand):
+    kind: Literal["ping"] = "ping"
+
+
+WorkerRequest = Annotated[
+    ConfigureSession
+    | AddTorrent
+    | PauseTorrent
+    | ResumeTorrent
+    | RemoveTorrent
+    | SetFilePriorities
+    | GetTorrentStatus
+    | SaveResumeData
+    | Ping,
+    Field(discriminator="kind"),
+]
+WORKER_REQUESTS: TypeAdapter[WorkerRequest] = TypeAdapter(WorkerRequest)
+
+
+class FileEntry(Message):
+    path: str
+    size: int
+    priority: int
+
+
+class TorrentStatus(Message):
+    """What the worker knows of one download right now."""
+
+    task_id: TaskId
+    info_hash: str
+    name: str
+    state: str  # libtorrent's state: checking_files, downloading_metadata, downloading, seeding...
+    paused: bool
+    auto_managed: bool
+    finished: bool
+    has_metadata: bool
+    progress: float
+    total_bytes: int
+    downloaded_bytes: int
+    download_rate: int
+    upload_rate: int
+    num_peers: int
+    error: str | None
+    files: tuple[FileEntry, ...]
+
+
+class WireError(Message):
+    """An error crossing the process boundary: the contract code, the text, the traceback."""
+
+    code: str
+    message: str
+    type: str
+    traceback: str | None = None
+
+
+class WorkerReply(Message):
+    kind: Literal["reply"] = "reply"
+    id: int
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: WireError | None = None
+
+
+class WorkerReady(Message):
+    """The session is up with the configured settings."""
+
+    kind: Literal["ready"] = "ready"
+    libtorrent_version: str
+    listen_port: int
+
+
+class SettingsRejected(Message):
+    """The answer to `configure` when a [libtorrent] key is unknown or of the wrong type."""
+
+    kind: Literal["settings_rejected"] = "settings_rejected"
+    key: str
+    reason: str
+
+
+class MetadataReceived(Message):
+    """A magnet's metadata arrived; the parent keeps the .torrent."""
+
+    kind: Literal["metadata_received"] = "metadata_received"
+    task_id: TaskId
+    torrent_b64: str
+
+
+class TorrentFinished(Message):
+    """Every wanted piece is downloaded and checked."""
+
+    kind: Literal["finished"] = "finished"
+    task_id: TaskId
+
+
+class TorrentFailed(Message):
+    """libtorrent stopped the download on an error (a file error, an invalid resume...)."""
+
+    kind: Literal["failed"] = "failed"
+    task_id: TaskId
+    error: str
+
+
+class TorrentStateChanged(Message):
+    kind: Literal["state_changed"] = "state_changed"
+    task_id: TaskId
+    state: str
+    previous: str
+
+
+class ResumeDataSaved(Message):
+    kind: Literal["resume_data_saved"] = "resume_data_saved"
+    task_id: TaskId
+    resume_b64: str
+    progress: float  # of the download, when the resume data was taken
+
+
+WorkerOutput = Annotated[
+    WorkerReply
+    | WorkerReady
+    | SettingsRejected
+    | MetadataReceived
+    | TorrentFinished
+    | TorrentFailed
+    | TorrentStateChanged
+    | ResumeDataSaved,
+    Field(discriminator="kind"),
+]
+WORKER_OUTPUT: TypeAdapter[WorkerOutput] = TypeAdapter(WorkerOutput)
