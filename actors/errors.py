@@ -1,16 +1,19 @@
-"""dlkeeper's one error hierarchy.
+"""dlkeeper's one error hierarchy, and its one mapping to and from the wire.
 
-Every error that crosses an actor or the socket is a `DlkeeperError`. Errors the message API can
-report carry the contract's error code (CONTRACT.md section 2) as the class attribute `code`;
-everything else is `internal` to a client. Third-party exceptions are mapped to these at the
-module that meets them.
+Every error that crosses an actor, a process or the socket is a `DlkeeperError`. The refusals a
+client may see (CONTRACT.md section 2) are `RequestError`s, each class carrying the contract's
+error code as `code`; everything else is `internal` to a client. An error about one download
+carries its `task_id` as a field, on the wire too. Third-party exceptions are mapped to these at
+the module that meets them. `error_body()` writes an error as the wire carries it and
+`error_from_body()` reads it back: the daemon's socket, the libtorrent worker's pipe and the bot's
+client all use these two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 ErrorCode = Literal[
     "bad_request",
@@ -30,21 +33,33 @@ class DlkeeperError(Exception):
     """Base of every dlkeeper error; `code` is what the message API reports."""
 
     code: ClassVar[ErrorCode] = "internal"
+    task_id: str | None = None  # the download the error is about, when it is about one
+
+    @property
+    def message(self) -> str:
+        """The one sentence that says what went wrong."""
+        return str(self)
 
 
-# --- errors a client may see (the contract's codes) ---------------------------------------------
+# --- the refusals a client may see (the contract's codes) ---------------------------------------
 
 
-class BadRequest(DlkeeperError):
+class RequestError(DlkeeperError):
+    """A request was refused. Each subclass is one of the contract's error codes; a plain
+    `RequestError` is what a client gets for `internal` or for a code it does not know."""
+
+
+class BadRequest(RequestError):
     code = "bad_request"
 
 
-class UnknownOp(DlkeeperError):
+class UnknownOp(RequestError):
     code = "unknown_op"
 
 
-class NotFound(DlkeeperError):
+class NotFound(RequestError):
     code = "not_found"
+    task_id: str
 
     def __init__(self, task_id: str) -> None:
         super().__init__(f"no download {task_id}")
@@ -59,34 +74,81 @@ class StaleChange(BadRequest):
         self.task_id = task_id
 
 
-class InvalidTorrent(DlkeeperError):
+class InvalidTorrent(RequestError):
     code = "invalid_torrent"
 
 
-class InvalidMagnet(DlkeeperError):
+class InvalidMagnet(RequestError):
     code = "invalid_magnet"
 
 
-class PathNotAllowed(DlkeeperError):
+class PathNotAllowed(RequestError):
     code = "path_not_allowed"
 
 
-class Duplicate(DlkeeperError):
+class Duplicate(RequestError):
     """The download already exists; `task_id` names the existing one."""
 
     code = "duplicate"
+    task_id: str
 
     def __init__(self, message: str, task_id: str) -> None:
         super().__init__(message)
         self.task_id = task_id
 
 
-class TooLarge(DlkeeperError):
+class TooLarge(RequestError):
     code = "too_large"
 
 
-class NotReady(DlkeeperError):
+class NotReady(RequestError):
     code = "not_ready"
+
+
+ERRORS_BY_CODE: dict[str, type[RequestError]] = {
+    error.code: error
+    for error in (
+        BadRequest,
+        UnknownOp,
+        NotFound,
+        InvalidTorrent,
+        InvalidMagnet,
+        PathNotAllowed,
+        Duplicate,
+        TooLarge,
+        NotReady,
+    )
+}
+
+
+def error_body(error: BaseException) -> dict[str, Any]:
+    """`error` as the wire carries it: `{"code", "message"}`, with `task_id` for `duplicate`
+    (CONTRACT.md section 2). Anything that is not a `DlkeeperError` is `internal`, named by type
+    only: a traceback's text is not for a client."""
+    if not isinstance(error, DlkeeperError):
+        return {"code": "internal", "message": f"internal error: {type(error).__name__}"}
+    body: dict[str, Any] = {"code": error.code, "message": str(error)}
+    if isinstance(error, Duplicate):
+        body["task_id"] = error.task_id
+    return body
+
+
+def error_from_body(code: str, message: str, task_id: str | None = None) -> RequestError:
+    """The error a wire body stands for, as the shared class of its code, with the sender's
+    sentence; a code this side does not know is a plain `RequestError` that says so."""
+    known = ERRORS_BY_CODE.get(code)
+    if code == "internal":
+        error = RequestError(message)
+    elif known is None:
+        error = RequestError(f"{message} (error code {code!r} is unknown to this client)")
+    else:
+        error = known.__new__(known)
+        Exception.__init__(error, message)  # not the constructor: the sender wrote the sentence
+    if task_id is not None or not isinstance(error, NotFound | Duplicate):
+        error.task_id = task_id
+    else:
+        error.task_id = ""  # a sender that did not name the download
+    return error
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -134,6 +196,21 @@ class MailboxFull(ActorError):
         self.actor = actor
 
 
+# --- the libtorrent worker ----------------------------------------------------------------------
+
+
+class WorkerGone(DlkeeperError):
+    """The worker died (or was killed) before it answered."""
+
+
+class WorkerTimeout(WorkerGone):
+    """The worker did not answer in time: it hangs, and is treated as gone (killed, replaced)."""
+
+
+class RestartIntensityExceeded(DlkeeperError):
+    """The worker had to be restarted too often: the daemon gives up and lets systemd act."""
+
+
 # --- the state file -----------------------------------------------------------------------------
 
 
@@ -147,6 +224,10 @@ class StateLocked(StateError):
     def __init__(self, lock_path: Path) -> None:
         super().__init__(f"another dlkeeper holds the state lock {lock_path}")
         self.lock_path = lock_path
+
+
+class CorruptState(StateError):
+    """Bytes that are not a state file of any version this dlkeeper knows."""
 
 
 class StateTooNew(StateError):
@@ -163,6 +244,34 @@ class StateTooNew(StateError):
 
 class StateWriteFailed(StateError):
     """The state could not be written (disk full, I/O error); the change was not made."""
+
+
+# --- the bot's side of the socket ---------------------------------------------------------------
+
+
+class DaemonUnavailable(DlkeeperError):
+    """No answer from the daemon: it is not running, not reachable, or the connection broke
+    before the reply came. The request may or may not have been applied."""
+
+    def __init__(self, message: str, socket_path: Path) -> None:
+        super().__init__(message)
+        self.socket_path = socket_path
+
+
+class DaemonNotRunning(DaemonUnavailable):
+    """No daemon accepted a connection on the socket within `connect_timeout`."""
+
+
+class RequestTimeout(DaemonUnavailable):
+    """The daemon did not answer within `request_timeout`."""
+
+
+class ProtocolError(DlkeeperError):
+    """The daemon answered with a result that does not follow the contract (a version mismatch
+    or a bug); the request itself was applied."""
+
+
+# --- reading what an exception group holds ------------------------------------------------------
 
 
 def leaves(exc: BaseException) -> Iterator[BaseException]:

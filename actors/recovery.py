@@ -24,14 +24,13 @@ import orjson
 from pydantic import ValidationError
 
 from actors.atomic import read_small_file
-from actors.errors import DlkeeperError
+from actors.errors import CorruptState, DlkeeperError
 from actors.metainfo import TorrentSummary, bdecode, bencode, magnet_info_hash, read_torrent
 from actors.state import (
     ACTIVE_STATUSES,
     CURRENT_VERSION,
     MAX_TORRENT_BYTES,
     TASK_ID_PATTERN,
-    CorruptState,
     DownloadRecord,
     DownloadStatus,
     MigrationContext,

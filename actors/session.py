@@ -39,13 +39,15 @@ from pydantic import ValidationError
 
 from actors.atomic import read_small_file, write_file_atomically
 from actors.errors import (
-    BadRequest,
     ConfigError,
     DlkeeperError,
-    InvalidMagnet,
     InvalidTorrent,
     NotFound,
     NotReady,
+    RestartIntensityExceeded,
+    WorkerGone,
+    WorkerTimeout,
+    error_from_body,
 )
 from actors.mailbox import Actor, ActorRef, Envelope, Reply, expect
 from actors.messages.base import Message
@@ -106,12 +108,6 @@ MAX_LINE_BYTES = 256 * 1024 * 1024  # resume data of a huge v2 torrent can be te
 MAX_RESUME_BYTES = 128 * 1024 * 1024
 WORKER_MODULE = "actors.session_worker"
 
-_ERRORS_BY_CODE: dict[str, type[DlkeeperError]] = {
-    "bad_request": BadRequest,
-    "invalid_torrent": InvalidTorrent,
-    "invalid_magnet": InvalidMagnet,
-}
-
 
 @dataclass(frozen=True)
 class SessionOptions:
@@ -137,18 +133,6 @@ class SessionOptions:
 
     def resume_path(self, task_id: str) -> Path:
         return self.torrents_dir / f"{task_id}.fastresume"
-
-
-class WorkerGone(DlkeeperError):
-    """The worker died (or was killed) before it answered."""
-
-
-class WorkerTimeout(WorkerGone):
-    """The worker did not answer in time: it hangs, and is treated as gone (killed, replaced)."""
-
-
-class RestartIntensityExceeded(DlkeeperError):
-    """The worker had to be restarted too often: the daemon gives up and lets systemd act."""
 
 
 # --- one worker process ---------------------------------------------------------------------------
@@ -324,11 +308,9 @@ def _result(answer: WorkerReply) -> dict[str, Any]:
         return answer.result or {}
     if answer.error is None:
         raise DlkeeperError("the libtorrent worker failed without saying why")
-    if answer.error.code == "not_found":
-        raise NotFound(answer.error.message.removeprefix("no download "))
     if answer.error.traceback:
         log.error("libtorrent worker error: %s", answer.error.traceback)
-    raise _ERRORS_BY_CODE.get(answer.error.code, DlkeeperError)(answer.error.message)
+    raise error_from_body(answer.error.code, answer.error.message, answer.error.task_id)
 
 
 # --- the actor ------------------------------------------------------------------------------------

@@ -581,9 +581,17 @@ class SessionWorker:
         self.send(WorkerReply(id=request_id, ok=True, result=result))
 
     def reply_error(self, request_id: int, error: BaseException) -> None:
-        code = error.code if isinstance(error, DlkeeperError) else "internal"
-        trace = None if isinstance(error, DlkeeperError) else traceback.format_exc()
-        wire = WireError(code=code, message=str(error), type=type(error).__name__, traceback=trace)
+        if isinstance(error, DlkeeperError):
+            code, task_id, trace = error.code, error.task_id, None
+        else:
+            code, task_id, trace = "internal", None, traceback.format_exc()
+        wire = WireError(
+            code=code,
+            message=str(error),
+            task_id=task_id,
+            type=type(error).__name__,
+            traceback=trace,
+        )
         self.send(WorkerReply(id=request_id, ok=False, error=wire))
 
 

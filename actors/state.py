@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from actors.atomic import read_small_file
-from actors.errors import DlkeeperError, StateTooNew
+from actors.errors import CorruptState, DlkeeperError, StateTooNew
 from actors.metainfo import magnet_info_hash, torrent_info_hash
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,6 @@ def encode_entries(entries: Iterable[bytes]) -> bytes:
 
 
 # --- decoding and migrations --------------------------------------------------------------------
-
-
-class CorruptState(DlkeeperError):
-    """Bytes that are not a state file of any version this dlkeeper knows."""
 
 
 @dataclass(frozen=True)

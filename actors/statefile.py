@@ -18,10 +18,9 @@ from pathlib import Path
 import filelock
 
 from actors.atomic import fsync_directory, write_file_atomically, write_temporary
-from actors.errors import StateError, StateLocked
+from actors.errors import CorruptState, StateError, StateLocked
 from actors.state import (
     CURRENT_VERSION,
-    CorruptState,
     DecodedState,
     DownloadRecord,
     MigrationContext,

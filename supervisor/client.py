@@ -45,6 +45,8 @@ from pydantic import BaseModel, ValidationError
 
 from actors.errors import (
     BadRequest,
+    DaemonNotRunning,
+    DaemonUnavailable,
     DlkeeperError,
     Duplicate,
     InvalidMagnet,
@@ -52,8 +54,12 @@ from actors.errors import (
     NotFound,
     NotReady,
     PathNotAllowed,
+    ProtocolError,
+    RequestError,
+    RequestTimeout,
     TooLarge,
     UnknownOp,
+    error_from_body,
     leaves,
 )
 from actors.messages.wire import (
@@ -121,112 +127,10 @@ MAX_REQUEST_LINE = 8 * 1024 * 1024  # the daemon answers a longer line with too_
 MAX_REPLY_LINE = 256 * 1024 * 1024  # a `list` of many downloads with many files is long
 
 
-# --- errors -------------------------------------------------------------------------------------
-
-
-class DaemonUnavailable(DlkeeperError):
-    """No answer from the daemon: it is not running, not reachable, or the connection broke
-    before the reply came. The request may or may not have been applied."""
-
-    def __init__(self, message: str, socket_path: Path) -> None:
-        super().__init__(message)
-        self.message = message
-        self.socket_path = socket_path
-
-
-class DaemonNotRunning(DaemonUnavailable):
-    """No daemon accepted a connection on the socket within `connect_timeout`."""
-
-
-class RequestTimeout(DaemonUnavailable):
-    """The daemon did not answer within `request_timeout`."""
-
-
-class ProtocolError(DlkeeperError):
-    """The daemon answered with a result that does not follow the contract (a version mismatch
-    or a bug); the request itself was applied."""
-
-
-class RequestError(DlkeeperError):
-    """The daemon refused a request (`ok: false`). `code` is the contract's error code and
-    `message` the daemon's sentence.
-
-    What is raised is also an instance of the matching class in `supervisor.errors` (`NotFound`,
-    `Duplicate` with `task_id` naming the existing download, `BadRequest`, ...), so catch those.
-    The code `internal`, and a code this client does not know, raise a plain `RequestError`.
-    """
-
-    def __init__(self, message: str) -> None:
-        # Not the supervisor.errors constructors: the daemon already wrote the sentence.
-        Exception.__init__(self, message)
-        self.message = message
-
-
-class _BadRequest(RequestError, BadRequest):
-    pass
-
-
-class _UnknownOp(RequestError, UnknownOp):
-    pass
-
-
-class _InvalidTorrent(RequestError, InvalidTorrent):
-    pass
-
-
-class _InvalidMagnet(RequestError, InvalidMagnet):
-    pass
-
-
-class _PathNotAllowed(RequestError, PathNotAllowed):
-    pass
-
-
-class _TooLarge(RequestError, TooLarge):
-    pass
-
-
-class _NotReady(RequestError, NotReady):
-    pass
-
-
-class _NotFound(RequestError, NotFound):
-    def __init__(self, message: str, task_id: str) -> None:
-        RequestError.__init__(self, message)
-        self.task_id = task_id
-
-
-class _Duplicate(RequestError, Duplicate):
-    def __init__(self, message: str, task_id: str) -> None:
-        RequestError.__init__(self, message)
-        self.task_id = task_id
-
-
-_ERRORS_BY_CODE: dict[str, type[RequestError]] = {
-    error.code: error
-    for error in (
-        _BadRequest,
-        _UnknownOp,
-        _InvalidTorrent,
-        _InvalidMagnet,
-        _PathNotAllowed,
-        _TooLarge,
-        _NotReady,
-    )
-}
-
-
 def _request_error(error: ApiError, request_task_id: str | None) -> RequestError:
-    if error.code == "not_found":
-        return _NotFound(error.message, error.task_id or request_task_id or "")
-    if error.code == "duplicate":
-        return _Duplicate(error.message, error.task_id or "")
-    if error.code == "internal":
-        return RequestError(error.message)
-    known = _ERRORS_BY_CODE.get(error.code)
-    if known is not None:
-        return known(error.message)
-    return RequestError(f"{error.message} (error code {error.code!r} is unknown to this client)")
+    # A not_found names no download on the wire: it is the one the request named.
+    task_id = error.task_id or (request_task_id if error.code == "not_found" else None)
+    return error_from_body(error.code, error.message, task_id)
 
 
 # --- one connection -----------------------------------------------------------------------------
@@ -666,7 +570,7 @@ class DlkeeperClient:
         request.update((key, value) for key, value in params.items() if value is not None)
         line = orjson.dumps(request) + b"\n"
         if len(line) > MAX_REQUEST_LINE:
-            raise _TooLarge(
+            raise TooLarge(
                 f"the {op} request is {len(line)} bytes, more than the daemon's limit of "
                 f"{MAX_REQUEST_LINE} bytes per line"
             )

@@ -23,7 +23,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from actors.bus import EventBus, Subscription
 from actors.downloads import completed_event, failed_event
-from actors.errors import BadRequest, ConfigError, DlkeeperError, Duplicate, TooLarge
+from actors.errors import BadRequest, ConfigError, DlkeeperError, TooLarge, error_body
 from actors.messages.base import Message
 from actors.messages.wire import DownloadCompletedEvent, DownloadFailedEvent, DownloadProgressEvent
 from actors.persistence import Persistence
@@ -299,13 +299,7 @@ def _request_id(request: dict[str, Any]) -> int | str | None:
 
 
 def _error_reply(request_id: Any, error: BaseException) -> dict[str, Any]:
-    if isinstance(error, DlkeeperError):
-        body: dict[str, Any] = {"code": error.code, "message": str(error)}
-        if isinstance(error, Duplicate):
-            body["task_id"] = error.task_id
-    else:
-        body = {"code": "internal", "message": f"internal error: {type(error).__name__}"}
-    return {"id": request_id, "ok": False, "error": body}
+    return {"id": request_id, "ok": False, "error": error_body(error)}
 
 
 def _event(event: Message) -> dict[str, Any]:

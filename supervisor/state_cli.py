@@ -23,6 +23,7 @@ import orjson
 from actors.atomic import read_small_file, write_file_atomically
 from actors.errors import (
     ConfigError,
+    CorruptState,
     DlkeeperError,
     StateError,
     StateLocked,
@@ -44,7 +45,6 @@ from actors.recovery import (
 )
 from actors.state import (
     CURRENT_VERSION,
-    CorruptState,
     DecodedState,
     DownloadRecord,
     DownloadStatus,

@@ -29,8 +29,9 @@ from typing import IO, Any
 
 import pytest
 
+from actors.errors import CorruptState
 from actors.messages.persistence import RecordChanges
-from actors.state import CURRENT_VERSION, CorruptState, DownloadRecord, decode_state
+from actors.state import CURRENT_VERSION, DownloadRecord, decode_state
 from actors.statefile import STATE_FILE_NAME
 from tests.crash_child import Command, migration_context, owner_of
 

@@ -12,7 +12,13 @@ import anyio
 import libtorrent as lt
 import pytest
 
-from actors.errors import ActorDied, ConfigError, NotReady, first_dlkeeper_error
+from actors.errors import (
+    ActorDied,
+    ConfigError,
+    NotReady,
+    RestartIntensityExceeded,
+    first_dlkeeper_error,
+)
 from actors.messages.session import (
     DownloadErrored,
     DownloadFinished,
@@ -21,7 +27,6 @@ from actors.messages.session import (
     WorkerRestarted,
 )
 from actors.metainfo import torrent_info_hash
-from actors.session import RestartIntensityExceeded
 from actors.state import DownloadStatus
 from tests.sessions import Library, resume_progress, running_session
 from tests.swarm import Seeder, seeding

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.errors import DlkeeperError, InvalidMagnet, InvalidTorrent, StateTooNew
+from actors.errors import CorruptState, DlkeeperError, InvalidMagnet, InvalidTorrent, StateTooNew
 from actors.messages.persistence import (
     AckRecord,
     AddRecord,
@@ -28,7 +28,6 @@ from actors.persistence import apply_mutation
 from actors.state import (
     CURRENT_VERSION,
     MIGRATIONS,
-    CorruptState,
     DownloadRecord,
     DownloadStatus,
     MigrationContext,

@@ -127,6 +127,7 @@ class WireError(Message):
 
     code: str
     message: str
+    task_id: str | None = None  # the download the error is about, when it is about one
     type: str
     traceback: str | None = None
 
