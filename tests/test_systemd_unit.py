@@ -186,6 +186,10 @@ def test_the_exposure_score_stays_low() -> None:
 # `python -c SANDBOX READONLY WRITABLE... -- COMMAND...`: a private mount namespace where
 # READONLY is read-only but for WRITABLE (ProtectSystem=strict + ReadWritePaths), an empty
 # capability bounding set, NoNewPrivileges, and the kernel's own MemoryDenyWriteExecute.
+# Not run as root, the mount namespace goes inside a user namespace of its own, where this
+# user is root (as `unshare -Urm` does), since only a namespace's root may mount. The remount
+# keeps the folder's nosuid, nodev and noexec, as systemd's does: inside a user namespace the
+# kernel refuses to clear them (EPERM), and as root clearing them is no part of the sandbox.
 SANDBOX = """
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -193,15 +197,27 @@ def check(result, what):
     if result != 0:
         raise OSError(ctypes.get_errno(), what)
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
-CLONE_NEWNS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_MDWE = 0x20000, 24, 38, 65
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+CLONE_NEWNS, CLONE_NEWUSER = 0x20000, 0x10000000
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_MDWE = 24, 38, 65
 split = sys.argv.index("--")
 readonly, writable, command = sys.argv[1], sys.argv[2:split], sys.argv[split + 1:]
-check(libc.unshare(CLONE_NEWNS), "unshare")
+uid, gid = os.geteuid(), os.getegid()
+if uid == 0:
+    check(libc.unshare(CLONE_NEWNS), "unshare")
+else:
+    what = "unshare(CLONE_NEWUSER | CLONE_NEWNS): are unprivileged user namespaces allowed?"
+    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), what)
+    maps = {"setgroups": "deny", "uid_map": f"0 {uid} 1", "gid_map": f"0 {gid} 1"}
+    for name, line in maps.items():  # in this order: no gid_map before setgroups is denied
+        with open("/proc/self/" + name, "w") as file:
+            file.write(line)
 check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "private /")
 check(libc.mount(readonly.encode(), readonly.encode(), None, MS_BIND | MS_REC, None), "bind")
 for path in writable:
     check(libc.mount(path.encode(), path.encode(), None, MS_BIND, None), "bind " + path)
 flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+flags |= os.statvfs(readonly).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
 check(libc.mount(None, readonly.encode(), None, flags, None), "read-only")
 for capability in range(int(open("/proc/sys/kernel/cap_last_cap").read()) + 1):
     check(libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0), "drop capability")
