@@ -73,7 +73,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import libtorrent as lt
@@ -96,12 +96,12 @@ from benchlib import (
 )
 from benchlib import distribution as _distribution
 from benchlib import time_command as _time_command
-from benchseeder import Sample, seeder_settings, seeder_view, wait_finished
+from benchseeder import Sample, latency_payloads, seeder_view, seeding_all, through_bare_session
 
 from actors.metainfo import bencode
 from tests.daemons import write_config
-from tests.swarm import LOOPBACK_SETTINGS, Seeder, seeding
-from tests.torrents import Payload, make_payload
+from tests.swarm import LOOPBACK_SETTINGS, Seeder
+from tests.torrents import Payload
 
 ROOT = Path(__file__).resolve().parents[1]
 KiB = 1024
@@ -122,13 +122,6 @@ RSS_PIECE = 4 * MiB
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+: (.*)$")
 _REPLAYED = re.compile(r"^replayed (\d+) of (\d+) downloads in ([\d.]+) s$")
-
-_BARE_ALERT_MASK = (
-    lt.alert.category_t.error_notification
-    | lt.alert.category_t.status_notification
-    | lt.alert.category_t.storage_notification
-)
-
 
 # --- the daemon as a child process ---------------------------------------------------------------
 
@@ -667,27 +660,6 @@ async def completions_through_daemon(
     return samples
 
 
-def completions_bare(root: Path, payloads: list[Payload], seeder: Seeder) -> list[Sample]:
-    """The calibration: the same downloads by a bare libtorrent session in this process."""
-    settings = {**LOOPBACK_SETTINGS, "alert_mask": int(_BARE_ALERT_MASK)}
-    session = lt.session(cast("lt.settings_pack", settings))
-    samples: list[Sample] = []
-    try:
-        for payload in payloads:
-            params = lt.add_torrent_params()
-            params.ti = lt.torrent_info(payload.torrent)
-            params.save_path = str(root)
-            params.peers = [("127.0.0.1", seeder.port)]
-            seeder.session.pop_alerts()
-            session.async_add_torrent(params)
-            finished, received = wait_finished(session, DEADLINE)
-            view = anyio.run(seeder_view, seeder, payload.info_hash, backend="asyncio")
-            samples.append(Sample(received, view, finished))
-    finally:
-        del session
-    return samples
-
-
 @dataclass(frozen=True)
 class Completions:
     payloads: list[Payload]
@@ -700,21 +672,11 @@ def measure_completions(
     space: Workspace, downloads: int, size_kib: int, calibration: int
 ) -> Completions:
     size = size_kib * KiB
-    piece = 64 * KiB if size <= 4096 * KiB else 0
-    payloads = [
-        make_payload(space.root / "seed", f"Latency{n:03d}", {"a.bin": size}, piece_size=piece)
-        for n in range(downloads)
-    ]
+    payloads = latency_payloads(space.root / "seed", downloads, size)
     config, socket_path = space.library("latency")
-    with seeding(*payloads) as seeder:
-        seeder.session.apply_settings(seeder_settings())
-        for handle in seeder.handles.values():
-            # libtorrent's queue keeps only a few auto-managed seeds active: seed them all.
-            handle.unset_flags(lt.torrent_flags.auto_managed)
-            handle.resume()
-        bare = completions_bare(
-            space.root / "bare", payloads[: min(calibration, downloads)], seeder
-        )
+    with seeding_all(payloads) as seeder:
+        # The calibration: the same downloads by a bare libtorrent session in this process.
+        bare = through_bare_session(space.root / "bare", payloads[:calibration], seeder, DEADLINE)
         with daemon(config, socket_path, space.root / "latency.log") as process:
             process.wait_ready()
             samples = anyio.run(

@@ -45,25 +45,21 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import anyio
 import libtorrent as lt
 from benchlib import add_dir_argument, check_dir, cores, in_work_dir, print_platform
 from benchlib import distribution as _distribution
-from benchseeder import Sample, raw_alert_mask, seeder_settings, seeder_view, wait_finished
+from benchseeder import Sample, latency_payloads, seeder_view, seeding_all, through_bare_session
 
 from actors.messages.session import DownloadFinished
 from tests.sessions import Library, running_session
-from tests.swarm import LOOPBACK_SETTINGS, Seeder, seeding
-from tests.torrents import Payload, make_payload
+from tests.swarm import Seeder
+from tests.torrents import Payload
 
 KiB = 1024
 GOAL = 0.1  # seconds, every completion (max)
 DEADLINE = 60.0  # for one download
-
-
-# --- the seeder's side -------------------------------------------------------------------------
 
 
 # --- dlkeeper ----------------------------------------------------------------------------------
@@ -86,29 +82,6 @@ async def through_dlkeeper(root: Path, payloads: list[Payload], seeder: Seeder) 
 
 def _is(task_id: str) -> Callable[[DownloadFinished], bool]:
     return lambda event: event.task_id == task_id
-
-
-# --- calibration with a bare session -----------------------------------------------------------
-
-
-def through_bare_session(root: Path, payloads: list[Payload], seeder: Seeder) -> list[Sample]:
-    settings = {**LOOPBACK_SETTINGS, "alert_mask": raw_alert_mask()}
-    session = lt.session(cast("lt.settings_pack", settings))
-    samples: list[Sample] = []
-    try:
-        for payload in payloads:
-            params = lt.add_torrent_params()
-            params.ti = lt.torrent_info(payload.torrent)
-            params.save_path = str(root)
-            params.peers = [("127.0.0.1", seeder.port)]
-            seeder.session.pop_alerts()
-            session.async_add_torrent(params)
-            finished, received = wait_finished(session, DEADLINE)
-            view = anyio.run(seeder_view, seeder, payload.info_hash, backend="asyncio")
-            samples.append(Sample(received, view, finished))
-    finally:
-        del session
-    return samples
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -178,20 +151,9 @@ def print_report(
 
 def benchmark(directory: Path, downloads: int, size_kib: int, calibration: int) -> None:
     size = size_kib * KiB
-    piece = 64 * KiB if size <= 4096 * KiB else 0
-    payloads = [
-        make_payload(directory / "seed", f"Latency{number:03d}", {"a.bin": size}, piece_size=piece)
-        for number in range(downloads)
-    ]
-    with seeding(*payloads) as seeder:
-        seeder.session.apply_settings(seeder_settings())
-        for handle in seeder.handles.values():
-            # libtorrent's queue keeps only a few auto-managed seeds active: seed them all.
-            handle.unset_flags(lt.torrent_flags.auto_managed)
-            handle.resume()
-        bare = through_bare_session(
-            directory / "bare", payloads[: min(calibration, downloads)], seeder
-        )
+    payloads = latency_payloads(directory / "seed", downloads, size)
+    with seeding_all(payloads) as seeder:
+        bare = through_bare_session(directory / "bare", payloads[:calibration], seeder, DEADLINE)
         dlkeeper = anyio.run(
             through_dlkeeper, directory / "dlkeeper", payloads, seeder, backend="asyncio"
         )

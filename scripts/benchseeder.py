@@ -1,17 +1,24 @@
 """The seeder's side of a loopback download, shared by bench_latency.py and bench_daemon.py:
-the calibrated last-HAVE latency measurement, and a bare session's finish."""
+the calibrated last-HAVE latency measurement, and a bare session's finish (also used by
+bench_throughput.py). It imports libtorrent, so bench_replay.py must not import it."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import anyio
 import libtorrent as lt
 
-from tests.swarm import Seeder
+from tests.swarm import LOOPBACK_SETTINGS, Seeder, seeding
+from tests.torrents import Payload, make_payload
+
+KiB = 1024
 
 
 def seeder_settings() -> dict[str, str | int | bool]:
@@ -33,6 +40,27 @@ def raw_alert_mask() -> int:
         | lt.alert.category_t.status_notification
         | lt.alert.category_t.storage_notification
     )
+
+
+def latency_payloads(folder: Path, downloads: int, size: int) -> list[Payload]:
+    """`downloads` distinct single-file payloads of `size` bytes (64 KiB pieces up to 4 MiB)."""
+    piece = 64 * KiB if size <= 4096 * KiB else 0
+    return [
+        make_payload(folder, f"Latency{number:03d}", {"a.bin": size}, piece_size=piece)
+        for number in range(downloads)
+    ]
+
+
+@contextlib.contextmanager
+def seeding_all(payloads: list[Payload]) -> Iterator[Seeder]:
+    """A loopback seeder of every payload at once, with the alerts `collect` reads."""
+    with seeding(*payloads) as seeder:
+        seeder.session.apply_settings(seeder_settings())
+        for handle in seeder.handles.values():
+            # libtorrent's queue keeps only a few auto-managed seeds active: seed them all.
+            handle.unset_flags(lt.torrent_flags.auto_managed)
+            handle.resume()
+        yield seeder
 
 
 @dataclass
@@ -90,6 +118,41 @@ async def seeder_view(seeder: Seeder, info_hash: str) -> SeederView:
                 break
             await anyio.sleep(0.01)
     return view
+
+
+def bare_session() -> Any:
+    """A bare libtorrent session with LOOPBACK_SETTINGS and `raw_alert_mask`."""
+    settings = {**LOOPBACK_SETTINGS, "alert_mask": raw_alert_mask()}
+    return lt.session(cast("lt.settings_pack", settings))
+
+
+def add_params(payload: Payload, save_path: Path, seeder: Seeder) -> Any:
+    """The add_torrent_params of `payload` into `save_path`, the seeder as its only peer."""
+    params = lt.add_torrent_params()
+    params.ti = lt.torrent_info(payload.torrent)
+    params.save_path = str(save_path)
+    params.peers = [("127.0.0.1", seeder.port)]
+    return params
+
+
+def through_bare_session(
+    root: Path, payloads: list[Payload], seeder: Seeder, limit: float
+) -> list[Sample]:
+    """The calibration: the payloads downloaded one at a time by a bare libtorrent session in
+    this process, whose own torrent_finished_alert timestamp is known (each within `limit` s)."""
+    session = bare_session()
+    samples: list[Sample] = []
+    try:
+        for payload in payloads:
+            params = add_params(payload, root, seeder)
+            seeder.session.pop_alerts()
+            session.async_add_torrent(params)
+            finished, received = wait_finished(session, limit)
+            view = anyio.run(seeder_view, seeder, payload.info_hash, backend="asyncio")
+            samples.append(Sample(received, view, finished))
+    finally:
+        del session
+    return samples
 
 
 def wait_finished(session: Any, limit: float) -> tuple[float, float]:
