@@ -47,7 +47,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import libtorrent as lt
@@ -60,11 +60,11 @@ from benchlib import (
     print_platform,
     verdict,
 )
-from benchseeder import raw_alert_mask
+from benchseeder import add_params, bare_session
 
 from actors.messages.session import DownloadFinished
 from tests.sessions import Library, running_session
-from tests.swarm import LOOPBACK_SETTINGS, Seeder, seeding
+from tests.swarm import Seeder, seeding
 from tests.torrents import Payload, make_payload
 
 MiB = 1024 * 1024
@@ -72,8 +72,7 @@ BLOCK = 16 * 1024
 GOAL = 0.95  # median of raw time / dlkeeper time at least this
 TASK_ID = "bench-throughput"
 
-# What the worker asks for (actors.session_worker._ALERT_MASK); a bare session's default mask
-# would not post torrent_finished_alert.
+# The seeder's peer_connect_alert times the start of each download.
 _SEEDER_SETTINGS: dict[str, str | int | bool] = {
     "alert_mask": int(lt.alert.category_t.connect_notification),
     "alert_queue_size": 100_000,
@@ -143,13 +142,9 @@ def run_dlkeeper(root: Path, payload: Payload, seeder: Seeder, deadline: float) 
 def run_raw(root: Path, payload: Payload, seeder: Seeder, deadline: float) -> Download:
     library = Library(root)  # only for its download folder
     library.download_dir.mkdir(parents=True)
-    settings = {**LOOPBACK_SETTINGS, "alert_mask": raw_alert_mask()}
-    session = lt.session(cast("lt.settings_pack", settings))
+    session = bare_session()
     try:
-        params = lt.add_torrent_params()
-        params.ti = lt.torrent_info(payload.torrent)
-        params.save_path = str(library.download_dir)
-        params.peers = [("127.0.0.1", seeder.port)]
+        params = add_params(payload, library.download_dir, seeder)
         seeder.session.pop_alerts()
         added_at = time.time()
         started = time.perf_counter()

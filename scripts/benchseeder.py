@@ -34,7 +34,9 @@ def seeder_settings() -> dict[str, str | int | bool]:
 
 
 def raw_alert_mask() -> int:
-    """The alerts a bare downloading session needs: errors, status, storage."""
+    """The alerts a bare downloading session needs: errors, status, storage. What the worker
+    asks for (actors.session_worker._ALERT_MASK); a bare session's default mask would not post
+    torrent_finished_alert."""
     return int(
         lt.alert.category_t.error_notification
         | lt.alert.category_t.status_notification
