@@ -81,6 +81,7 @@ import orjson
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from benchlib import (
+    Distribution,
     add_dir_argument,
     check_dir,
     cores,
@@ -92,9 +93,10 @@ from benchlib import (
     ms,
     percentile,
     print_platform,
+    seen,
     verdict,
+    worst,
 )
-from benchlib import distribution as _distribution
 from benchlib import time_command as _time_command
 from benchseeder import Sample, latency_payloads, seeder_view, seeding_all, through_bare_session
 
@@ -804,12 +806,11 @@ def memory_total() -> str:
 # --- output --------------------------------------------------------------------------------------
 
 
-def distribution(label: str, values: list[float]) -> str:
-    return _distribution(label, values, 56)
+TABLE = Distribution(56)
 
 
 def median(values: list[float]) -> float:
-    valid = [value for value in values if not math.isnan(value)]
+    valid = seen(values)
     return statistics.median(valid) if valid else math.nan
 
 
@@ -846,7 +847,7 @@ def print_starts(
     print(f"  {'':<62} {'median':>11}  {'min':>11}  {'max':>11}")
 
     def row(label: str, values: list[float]) -> None:
-        valid = [value for value in values if not math.isnan(value)]
+        valid = seen(values)
         if not valid:
             print(f"  {label:<62} {'not seen':>11}")
             return
@@ -930,22 +931,19 @@ def print_completions(completions: Completions) -> None:
         f"({info.num_pieces()} pieces of {info.piece_length() // KiB} KiB) from a loopback "
         "seeder in this process, one at a time"
     )
-    header = f"  {'':<56} {'median':>11}  {'p90':>11}  {'max':>11}  {'min':>11}"
-    print(header)
+    print(TABLE.header())
     if bare:
         print(
-            distribution(
+            TABLE.row(
                 f"calibration ({len(bare)}, bare session): finished -> last HAVE",
                 [s.seeder.last_have - s.finished for s in bare],
             )
         )
         print(
-            distribution(
-                "  bare: finished alert -> popped", [s.received - s.finished for s in bare]
-            )
+            TABLE.row("  bare: finished alert -> popped", [s.received - s.finished for s in bare])
         )
-    print(distribution("last HAVE -> download.completed on socket", [s.latency for s in samples]))
-    print(distribution("last block out -> download.completed (bound)", [s.bound for s in samples]))
+    print(TABLE.row("last HAVE -> download.completed on socket", [s.latency for s in samples]))
+    print(TABLE.row("last block out -> download.completed (bound)", [s.bound for s in samples]))
     print()
 
 
@@ -997,9 +995,9 @@ def print_goals(
     ratio = phases[-1].rate / phases[0].rate
     latencies = [s.latency for s in completions.daemon]
     bounds = [s.bound for s in completions.daemon]
-    worst = max((v for v in latencies if not math.isnan(v)), default=math.nan)
-    worst_bound = max((v for v in bounds if not math.isnan(v)), default=math.nan)
-    seen = all(not math.isnan(v) for v in latencies)
+    worst_latency = worst(latencies)
+    worst_bound = worst(bounds)
+    all_seen = len(seen(latencies)) == len(latencies)
     last = phases[-1]
     print("goals")
     rows = (
@@ -1016,13 +1014,13 @@ def print_goals(
         ),
         (
             f"completion on the socket < {LATENCY_GOAL * 1000:g} ms (max, from last HAVE)",
-            f"{ms(worst)}",
-            seen and worst < LATENCY_GOAL,
+            f"{ms(worst_latency)}",
+            all_seen and worst_latency < LATENCY_GOAL,
         ),
         (
             "  the same, upper bound (max, from last block out)",
             f"{ms(worst_bound)}",
-            seen and worst_bound < LATENCY_GOAL,
+            all_seen and worst_bound < LATENCY_GOAL,
         ),
         (
             f"daemon + worker VmRSS <= {RSS_GOAL // KiB} MiB, idle, {RSS_DOWNLOADS} downloads",

@@ -40,7 +40,6 @@ its blocks are written to the files.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -48,8 +47,18 @@ from pathlib import Path
 
 import anyio
 import libtorrent as lt
-from benchlib import add_dir_argument, check_dir, cores, in_work_dir, print_platform
-from benchlib import distribution as _distribution
+from benchlib import (
+    Distribution,
+    add_dir_argument,
+    check_dir,
+    cores,
+    in_work_dir,
+    ms,
+    print_platform,
+    seen,
+    verdict,
+    worst,
+)
 from benchseeder import Sample, latency_payloads, seeder_view, seeding_all, through_bare_session
 
 from actors.messages.session import DownloadFinished
@@ -87,12 +96,7 @@ def _is(task_id: str) -> Callable[[DownloadFinished], bool]:
 # --- output ------------------------------------------------------------------------------------
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.2f} ms"
-
-
-def distribution(label: str, values: list[float]) -> str:
-    return _distribution(label, values, 44, ms)
+TABLE = Distribution(44, places=2)
 
 
 def print_report(
@@ -108,42 +112,37 @@ def print_report(
     )
     print("  seeder       one loopback libtorrent session in this process, peer-log alerts on")
     print()
-    header = f"  {'':<44} {'median':>11}  {'p90':>11}  {'max':>11}  {'min':>11}"
     if bare:
         print(f"calibration: {len(bare)} downloads by a bare libtorrent session in this process")
-        print(header)
+        print(TABLE.header())
         print(
-            distribution(
+            TABLE.row(
                 "finished alert -> seeder sees last HAVE",
                 [s.seeder.last_have - s.finished for s in bare],
             )
         )
         print(
-            distribution(
+            TABLE.row(
                 "seeder's last block out -> finished alert",
                 [s.finished - s.seeder.last_block for s in bare],
             )
         )
         print(
-            distribution(
-                "finished alert -> popped in Python", [s.received - s.finished for s in bare]
-            )
+            TABLE.row("finished alert -> popped in Python", [s.received - s.finished for s in bare])
         )
         print()
     print(f"dlkeeper: {len(dlkeeper)} downloads, DownloadFinished received in the parent")
-    print(header)
-    print(distribution("latency (from the last HAVE)", [s.latency for s in dlkeeper]))
-    print(distribution("upper bound (from the last block uploaded)", [s.bound for s in dlkeeper]))
+    print(TABLE.header())
+    print(TABLE.row("latency (from the last HAVE)", [s.latency for s in dlkeeper]))
+    print(TABLE.row("upper bound (from the last block uploaded)", [s.bound for s in dlkeeper]))
     print()
     print(f"goal: finished -> DownloadFinished < {GOAL * 1000:g} ms, every download (max)")
     for label, values in (
         ("latency (from the last HAVE)", [s.latency for s in dlkeeper]),
         ("upper bound (from the last block uploaded)", [s.bound for s in dlkeeper]),
     ):
-        valid = [value for value in values if not math.isnan(value)]
-        worst = max(valid) if valid else math.nan
-        met = len(valid) == len(values) and worst < GOAL
-        print(f"  {label:<44} {ms(worst)}   {'MET' if met else 'NOT MET'}")
+        met = len(seen(values)) == len(values) and worst(values) < GOAL
+        print(f"  {label:<44} {ms(worst(values), 2)}   {verdict(met)}")
 
 
 # --- main --------------------------------------------------------------------------------------

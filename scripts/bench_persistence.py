@@ -32,6 +32,7 @@ from benchlib import (
     cores,
     filesystem_of,
     in_work_dir,
+    ms,
     percentile,
     print_platform,
     verdict,
@@ -272,14 +273,7 @@ def _timed(action: Callable[[], None]) -> float:
     return time.perf_counter() - began
 
 
-# --- machine facts ------------------------------------------------------------------------------
-
-
 # --- output -------------------------------------------------------------------------------------
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.2f} ms"
 
 
 def print_header(directory: Path, state_bytes: int, setup: Setup, duration: float) -> None:
@@ -307,8 +301,8 @@ def print_phases(phases: list[PhaseResult]) -> dict[int, float]:
         print(
             f"  {phase.callers:>7}  {phase.mutations:>9,}  {phase.rate:>11,.1f}  "
             f"{phase.write_rate:>9,.1f}  {phase.per_write:>15.2f}  "
-            f"{ms(percentile(phase.latencies, 0.5)):>11}  "
-            f"{ms(percentile(phase.latencies, 0.99)):>11}"
+            f"{ms(percentile(phase.latencies, 0.5), 2):>11}  "
+            f"{ms(percentile(phase.latencies, 0.99), 2):>11}"
         )
     rates = {phase.callers: phase.rate for phase in phases}
     for phase in phases:
@@ -335,7 +329,7 @@ def print_writes(comparison: WriteComparison, single: PhaseResult) -> float:
         ("one mutation, 1 caller (p50 latency)", mutation, f"{mutation / raw:6.2f}x raw"),
     )
     for label, seconds, ratio in rows:
-        print(f"  {label:<44} {ms(seconds)}  {ratio}".rstrip())
+        print(f"  {label:<44} {ms(seconds, 2)}  {ratio}".rstrip())
     print()
     return durable / raw
 

@@ -15,7 +15,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 # --- machine facts -------------------------------------------------------------------------------
@@ -121,8 +122,18 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, rank))]
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.1f} ms"
+def seen(values: Iterable[float]) -> list[float]:
+    """The values that are not NaN (a NaN sample is one that was not seen)."""
+    return [value for value in values if not math.isnan(value)]
+
+
+def worst(values: Iterable[float]) -> float:
+    """The largest value seen (NaN when none was)."""
+    return max(seen(values), default=math.nan)
+
+
+def ms(seconds: float, places: int = 1) -> str:
+    return f"{seconds * 1000:8.{places}f} ms"
 
 
 def mib(kib: float) -> str:
@@ -133,18 +144,28 @@ def verdict(met: bool) -> str:
     return "MET" if met else "NOT MET"
 
 
-def distribution(
-    label: str, values: list[float], width: int, ms: Callable[[float], str] = ms
-) -> str:
-    """`label  median  p90  max  min` in `ms`, NaN values counted as not seen."""
-    valid = [value for value in values if not math.isnan(value)]
-    missing = len(values) - len(valid)
-    if not valid:
-        return f"  {label:<{width}} no samples"
-    return (
-        f"  {label:<{width}} {ms(statistics.median(valid))}  {ms(percentile(valid, 0.9))}  "
-        f"{ms(max(valid))}  {ms(min(valid))}" + (f"   ({missing} not seen)" if missing else "")
-    )
+@dataclass(frozen=True)
+class Distribution:
+    """Rows of `label  median  p90  max  min`, labels `width` wide, in ms with `places`
+    decimals; NaN values are counted as not seen."""
+
+    width: int
+    places: int = 1
+
+    def header(self) -> str:
+        return f"  {'':<{self.width}} {'median':>11}  {'p90':>11}  {'max':>11}  {'min':>11}"
+
+    def row(self, label: str, values: list[float]) -> str:
+        valid = seen(values)
+        missing = len(values) - len(valid)
+        if not valid:
+            return f"  {label:<{self.width}} no samples"
+        cells = (statistics.median(valid), percentile(valid, 0.9), max(valid), min(valid))
+        return (
+            f"  {label:<{self.width}} "
+            + "  ".join(ms(cell, self.places) for cell in cells)
+            + (f"   ({missing} not seen)" if missing else "")
+        )
 
 
 # --- the command line and the work folder --------------------------------------------------------
