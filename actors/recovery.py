@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from actors.atomic import read_small_file
 from actors.errors import CorruptState, DlkeeperError
+from actors.layout import MAX_RESUME_BYTES, Layout, replay_torrent
 from actors.metainfo import TorrentSummary, bdecode, bencode, magnet_info_hash, read_torrent
 from actors.state import (
     ACTIVE_STATUSES,
@@ -37,29 +38,8 @@ from actors.state import (
     decode_state,
 )
 
-# As the session actor reads them (actors.session.MAX_RESUME_BYTES); not imported from there so
-# that the recovery commands do not load the actor machinery.
-MAX_RESUME_BYTES = 128 * 1024 * 1024
 DEFAULT_PRIORITY = 4
 _TASK_ID = re.compile(TASK_ID_PATTERN)
-
-
-@dataclass(frozen=True)
-class LibraryPaths:
-    """Where a library's downloads live: payloads under `download_path`, and the kept
-    `.torrent` and `.fastresume` copies in `{download_path}/torrents/`."""
-
-    download_path: Path
-
-    @property
-    def torrents_dir(self) -> Path:
-        return self.download_path / "torrents"
-
-    def torrent_path(self, task_id: str) -> Path:
-        return self.torrents_dir / f"{task_id}.torrent"
-
-    def resume_path(self, task_id: str) -> Path:
-        return self.torrents_dir / f"{task_id}.fastresume"
 
 
 @dataclass(frozen=True)
@@ -76,37 +56,6 @@ class Problem:
 
 
 # --- the .torrent, the magnet and the resume data of a record -----------------------------------
-
-
-@dataclass(frozen=True)
-class TorrentCheck:
-    """What the daemon's replay would find for a record's .torrent (see actors.session)."""
-
-    path: Path | None  # the file the daemon would read; None: a magnet still without metadata
-    usable: bool
-    problem: str | None
-
-
-def torrent_check(record: DownloadRecord, paths: LibraryPaths) -> TorrentCheck:
-    """The record's .torrent as the replay reads it: the record's path, else the copy kept for
-    a magnet, which must decode and be of the record's info hash."""
-    kept = paths.torrent_path(record.task_id)
-    path = Path(record.torrent_file_path) if record.torrent_file_path else kept
-    if not record.torrent_file_path and not path.exists():
-        return TorrentCheck(None, usable=False, problem=None)
-    try:
-        found = read_torrent(read_small_file(path, MAX_TORRENT_BYTES)).info_hash
-    except FileNotFoundError:
-        return TorrentCheck(path, usable=False, problem=f"its .torrent {path} is missing")
-    except OSError as exc:
-        return TorrentCheck(path, False, f"its .torrent {path} cannot be read: {exc.strerror}")
-    except DlkeeperError as exc:
-        return TorrentCheck(path, usable=False, problem=f"its .torrent {path} is invalid: {exc}")
-    if record.info_hash and found != record.info_hash:
-        return TorrentCheck(
-            path, False, f"its .torrent {path} is the torrent {found}, not {record.info_hash}"
-        )
-    return TorrentCheck(path, usable=True, problem=None)
 
 
 def read_resume(path: Path) -> dict[bytes, Any] | None:
@@ -149,7 +98,7 @@ def torrent_from_resume(resume: Mapping[bytes, Any], info_hash: str | None) -> b
 # --- checking -----------------------------------------------------------------------------------
 
 
-def check_records(downloads: Mapping[str, DownloadRecord], paths: LibraryPaths) -> list[Problem]:
+def check_records(downloads: Mapping[str, DownloadRecord], paths: Layout) -> list[Problem]:
     """Every problem the daemon would meet replaying `downloads`, in the order of the file."""
     problems: list[Problem] = []
     owners: dict[str, str] = {}
@@ -164,7 +113,7 @@ def check_records(downloads: Mapping[str, DownloadRecord], paths: LibraryPaths) 
     return problems
 
 
-def check_record(record: DownloadRecord, paths: LibraryPaths) -> list[Problem]:
+def check_record(record: DownloadRecord, paths: Layout) -> list[Problem]:
     """The problems of one download: its source (the .torrent, else the magnet), its resume
     data and its save path. A failed download is never resumed, so only its schema matters."""
     if record.status is DownloadStatus.FAILED:
@@ -172,7 +121,7 @@ def check_record(record: DownloadRecord, paths: LibraryPaths) -> list[Problem]:
     task_id = record.task_id
     active = record.status in ACTIVE_STATUSES
     problems: list[Problem] = []
-    torrent = torrent_check(record, paths)
+    torrent = replay_torrent(record, paths)
     magnet_problem = _magnet_problem(record)
     if magnet_problem is not None:
         problems.append(Problem(task_id, magnet_problem, resumable=torrent.usable or not active))
@@ -191,7 +140,7 @@ def check_record(record: DownloadRecord, paths: LibraryPaths) -> list[Problem]:
     return problems
 
 
-def is_resumable(record: DownloadRecord, paths: LibraryPaths) -> bool:
+def is_resumable(record: DownloadRecord, paths: Layout) -> bool:
     """Whether the daemon can put the download back into libtorrent (finished ones always
     count as resumable: they wait for the bot's ack, not for libtorrent)."""
     return all(problem.resumable for problem in check_record(record, paths))
@@ -209,7 +158,7 @@ def _magnet_problem(record: DownloadRecord) -> str | None:
     return None
 
 
-def _resume_problems(record: DownloadRecord, paths: LibraryPaths) -> list[Problem]:
+def _resume_problems(record: DownloadRecord, paths: Layout) -> list[Problem]:
     path = paths.resume_path(record.task_id)
     try:
         resume = read_resume(path)
@@ -230,7 +179,7 @@ def _resume_problems(record: DownloadRecord, paths: LibraryPaths) -> list[Proble
     ]
 
 
-def _save_path_problems(record: DownloadRecord, paths: LibraryPaths) -> list[Problem]:
+def _save_path_problems(record: DownloadRecord, paths: Layout) -> list[Problem]:
     save_path = Path(record.save_path)
     if not save_path.is_absolute():
         return [Problem(record.task_id, f"its save path {save_path} is not an absolute path")]
@@ -381,7 +330,7 @@ class Rebuilt:
     skipped: dict[str, str]  # task_id -> why no record could be made
 
 
-def rebuild_records(paths: LibraryPaths) -> Rebuilt:
+def rebuild_records(paths: Layout) -> Rebuilt:
     """Recreates a record for every `<task_id>.torrent` / `<task_id>.fastresume` in
     `{download_path}/torrents/`: name, info hash, save path, file priorities, pause state and
     progress from the resume data where it holds them, else from the .torrent and defaults.
@@ -420,7 +369,7 @@ class _Sources:
     recreated: bool
 
 
-def _read_sources(task_id: str, paths: LibraryPaths, notes: list[str]) -> _Sources:
+def _read_sources(task_id: str, paths: Layout, notes: list[str]) -> _Sources:
     torrent_path = paths.torrent_path(task_id)
     resume_path = paths.resume_path(task_id)
     torrent: bytes | None = None
@@ -451,7 +400,7 @@ def _read_sources(task_id: str, paths: LibraryPaths, notes: list[str]) -> _Sourc
     return _Sources(torrent, summary, resume, recreated=False)
 
 
-def _rebuild_one(task_id: str, paths: LibraryPaths) -> RebuiltDownload:
+def _rebuild_one(task_id: str, paths: Layout) -> RebuiltDownload:
     notes: list[str] = []
     torrent_path = paths.torrent_path(task_id)
     resume_path = paths.resume_path(task_id)

@@ -28,7 +28,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -49,6 +48,7 @@ from actors.errors import (
     WorkerTimeout,
     error_from_body,
 )
+from actors.layout import MAX_RESUME_BYTES, Layout, replay_torrent
 from actors.mailbox import Actor, ActorRef, Envelope, Reply, expect
 from actors.messages.base import Message
 from actors.messages.session import (
@@ -96,16 +96,15 @@ from actors.messages.worker import (
     WorkerReady,
     WorkerReply,
 )
-from actors.metainfo import torrent_info_hash, torrent_name
+from actors.metainfo import torrent_name
 from actors.persistence import Persistence
-from actors.state import ACTIVE_STATUSES, MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
+from actors.state import ACTIVE_STATUSES, DownloadRecord, DownloadStatus
 
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=WorkerCommand)
 
 MAX_LINE_BYTES = 256 * 1024 * 1024  # resume data of a huge v2 torrent can be tens of MiB
-MAX_RESUME_BYTES = 128 * 1024 * 1024
 WORKER_MODULE = "actors.session_worker"
 
 
@@ -113,7 +112,7 @@ WORKER_MODULE = "actors.session_worker"
 class SessionOptions:
     """How the session actor runs its worker. The defaults are documented in the README."""
 
-    torrents_dir: Path
+    layout: Layout
     libtorrent: Mapping[str, str | int | bool] = field(default_factory=dict)
     resume_save_interval: float = 60.0
     shutdown_timeout: float = 5.0
@@ -127,12 +126,6 @@ class SessionOptions:
     backoff_max: float = 5.0
     worker_stop_timeout: float = 2.0  # after stdin closes, and again after SIGTERM
     worker_command: tuple[str, ...] = (sys.executable, "-m", WORKER_MODULE)
-
-    def torrent_path(self, task_id: str) -> Path:
-        return self.torrents_dir / f"{task_id}.torrent"
-
-    def resume_path(self, task_id: str) -> Path:
-        return self.torrents_dir / f"{task_id}.fastresume"
 
 
 # --- one worker process ---------------------------------------------------------------------------
@@ -508,31 +501,18 @@ class SessionActor(Actor[SessionCommand]):
         return {record.task_id: self._read_source(record) for record in records}
 
     def _read_source(self, record: DownloadRecord) -> _Sources:
-        """What a download can be added from: its .torrent (the record's, else the copy kept
-        for a magnet), checked to be of this download, and its fast-resume data."""
-        torrent: bytes | None = None
-        problem: str | None = None
-        kept = self._options.torrent_path(record.task_id)
-        path = Path(record.torrent_file_path) if record.torrent_file_path else kept
-        if record.torrent_file_path or kept.exists():
-            try:
-                torrent = read_small_file(path, MAX_TORRENT_BYTES)
-                found = torrent_info_hash(torrent)
-            except (OSError, DlkeeperError) as exc:
-                torrent, problem = None, f"cannot use {path}: {_reason(exc)}"
-            else:
-                if record.info_hash and record.info_hash != found:
-                    torrent = None
-                    problem = f"{path} is the torrent {found}, not {record.info_hash}"
+        """What a download can be added from: its .torrent (see `actors.layout.replay_torrent`)
+        and its fast-resume data."""
+        torrent = replay_torrent(record, self._options.layout)
         resume: bytes | None = None
-        resume_path = self._options.resume_path(record.task_id)
+        resume_path = self._options.layout.resume_path(record.task_id)
         try:
             resume = read_small_file(resume_path, MAX_RESUME_BYTES)
         except FileNotFoundError:
             pass
         except (OSError, DlkeeperError) as exc:
             log.warning("download %s: %s ignored: %s", record.task_id, resume_path, _reason(exc))
-        return _Sources(_b64(torrent), _b64(resume), problem)
+        return _Sources(_b64(torrent.data), _b64(resume), torrent.problem)
 
     async def _add(self, worker: WorkerProcess, record: DownloadRecord, sources: _Sources) -> None:
         if sources.torrent_b64 is None and not record.magnet_link:
@@ -578,7 +558,7 @@ class SessionActor(Actor[SessionCommand]):
     async def _on_worker_event(self, event: Message) -> None:
         if isinstance(event, ResumeDataSaved):
             if event.task_id not in self._forgotten:  # not for a download stopped meanwhile
-                path = self._options.resume_path(event.task_id)
+                path = self._options.layout.resume_path(event.task_id)
                 data = _unb64(event.resume_b64)
                 await anyio.to_thread.run_sync(write_file_atomically, path, data)
                 await self._publish.send(
@@ -587,7 +567,7 @@ class SessionActor(Actor[SessionCommand]):
         elif isinstance(event, MetadataReceived):
             if event.task_id in self._forgotten:
                 return
-            path = self._options.torrent_path(event.task_id)
+            path = self._options.layout.torrent_path(event.task_id)
             data = _unb64(event.torrent_b64)
             await anyio.to_thread.run_sync(write_file_atomically, path, data)
             await self._publish.send(
@@ -726,8 +706,8 @@ class SessionActor(Actor[SessionCommand]):
             )
         await self._flush_worker_events()
         for path in (
-            self._options.resume_path(command.task_id),
-            self._options.torrent_path(command.task_id),
+            self._options.layout.resume_path(command.task_id),
+            self._options.layout.torrent_path(command.task_id),
         ):
             with contextlib.suppress(FileNotFoundError):
                 await anyio.to_thread.run_sync(path.unlink)

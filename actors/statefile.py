@@ -19,6 +19,7 @@ import filelock
 
 from actors.atomic import fsync_directory, write_file_atomically, write_temporary
 from actors.errors import CorruptState, StateError, StateLocked
+from actors.layout import STATE_FILE_NAME
 from actors.state import (
     CURRENT_VERSION,
     DecodedState,
@@ -31,14 +32,8 @@ from actors.state import (
 
 log = logging.getLogger(__name__)
 
-STATE_FILE_NAME = "downloads.json"
 _TEMP_PREFIX = f".{STATE_FILE_NAME}."
 _TEMP_SUFFIX = ".tmp"
-
-
-def state_dir(library_path: Path) -> Path:
-    """Where a library keeps its state: `{library_path}/data`."""
-    return library_path / "data"
 
 
 def utc_stamp() -> str:

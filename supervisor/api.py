@@ -185,7 +185,7 @@ class ApiService:
             created_at=datetime.now(UTC),
             status=DownloadStatus.PAUSED if params.paused else DownloadStatus.QUEUED,
             magnet_link=source.magnet,
-            torrent_file_path=None if source.torrent is None else str(self._kept_path(task_id)),
+            torrent_file_path=None if source.torrent is None else str(self._torrent_path(task_id)),
             save_path=str(save_path),
             file_priorities=priorities,
             peers=peers,
@@ -224,7 +224,7 @@ class ApiService:
             raise Duplicate(f"task_id {task_id} is being added right now", task_id)
         self._adding_torrents.add(task_id)
         try:
-            path = self._kept_path(task_id)
+            path = self._torrent_path(task_id)
             await anyio.to_thread.run_sync(_keep_torrent, path, torrent)
             try:
                 return await self._persistence.add(record)
@@ -335,8 +335,8 @@ class ApiService:
         # Decoding a .torrent of many files takes seconds of pure Python: not on the event loop.
         return await anyio.to_thread.run_sync(_torrent_source, data)
 
-    def _kept_path(self, task_id: str) -> Path:
-        return self._config.torrents_dir / f"{task_id}.torrent"
+    def _torrent_path(self, task_id: str) -> Path:
+        return self._config.layout.torrent_path(task_id)
 
     def _save_path(self, requested: str | None) -> Path:
         root = self._download_root

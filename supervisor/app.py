@@ -44,13 +44,13 @@ async def run_daemon(config: Config) -> None:
                 # 1. The config is loaded and valid (the caller did that, exit 2 otherwise).
                 # 2. Take the state lock and load downloads.json: quarantine, backup, migration.
                 store = StateStore(
-                    config.state_dir, MigrationContext(download_path=config.download_path)
+                    config.layout.state_dir, MigrationContext(download_path=config.download_path)
                 )
                 persistence = Persistence(await actors.start(PersistenceActor(store)))
                 # 3. Start the libtorrent worker and replay every queued, downloading and
                 #    paused download into it. What libtorrent reports meanwhile waits in `events`.
                 try:
-                    config.torrents_dir.mkdir(parents=True, exist_ok=True)
+                    config.layout.torrents_dir.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
                     raise DlkeeperError(f"cannot use download_path: {exc}") from None
                 publish, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
@@ -142,7 +142,7 @@ def healthy_heartbeat_age(options: SessionOptions) -> float:
 def session_options(config: Config) -> SessionOptions:
     """The session actor's options from the daemon's config."""
     return SessionOptions(
-        torrents_dir=config.torrents_dir,
+        layout=config.layout,
         libtorrent=dict(config.libtorrent),
         resume_save_interval=config.resume_save_interval,
         shutdown_timeout=config.shutdown_timeout,

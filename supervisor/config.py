@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.errors import ConfigError
+from actors.layout import Layout
 
 CONFIG_ENV = "DLKEEPER_CONFIG"
 DEFAULT_LIBRARY_PATH = Path("/srv/media")
@@ -52,12 +53,9 @@ class Config:
     source: Path | None = None  # the config file read, if any
 
     @property
-    def state_dir(self) -> Path:
-        return self.library_path / "data"
-
-    @property
-    def torrents_dir(self) -> Path:
-        return self.download_path / "torrents"
+    def layout(self) -> Layout:
+        """Where the library's state, .torrent copies and resume data live."""
+        return Layout(self.library_path, self.download_path)
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from actors.errors import (
     StateLocked,
     StateTooNew,
 )
+from actors.layout import Layout, replay_torrent
 from actors.recovery import (
-    LibraryPaths,
     Problem,
     Rejected,
     check_records,
@@ -40,7 +40,6 @@ from actors.recovery import (
     rebuild_records,
     record_json,
     salvage,
-    torrent_check,
     torrent_from_resume,
 )
 from actors.state import (
@@ -81,7 +80,7 @@ class _Refused(Exception):
 @dataclass(frozen=True)
 class _Library:
     store: StateStore
-    paths: LibraryPaths
+    paths: Layout
 
     @property
     def context(self) -> MigrationContext:
@@ -189,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlkeeper-state: {exc}", file=sys.stderr)
         return exits.CONFIG
     library = _Library(
-        StateStore(config.state_dir, MigrationContext(download_path=config.download_path)),
-        LibraryPaths(config.download_path),
+        StateStore(config.layout.state_dir, MigrationContext(download_path=config.download_path)),
+        config.layout,
     )
     try:
         if args.command == "show":
@@ -429,12 +428,12 @@ def _repair(library: _Library) -> int:
     return exits.OK
 
 
-def _recreate_torrents(downloads: dict[str, DownloadRecord], paths: LibraryPaths) -> list[str]:
+def _recreate_torrents(downloads: dict[str, DownloadRecord], paths: Layout) -> list[str]:
     """Writes a lost or broken .torrent back from the resume data's copy of the torrent's info,
     and points the record at it. The broken file, if any, is kept as `.corrupt-<time>`."""
     recreated: list[str] = []
     for task_id, record in downloads.items():
-        if record.status is DownloadStatus.FAILED or torrent_check(record, paths).problem is None:
+        if record.status is DownloadStatus.FAILED or replay_torrent(record, paths).problem is None:
             continue
         try:
             resume = read_resume(paths.resume_path(task_id))
@@ -468,7 +467,7 @@ def _read_quarantine(store: StateStore) -> bytes | None:
     return existing
 
 
-def _print_remaining(downloads: dict[str, DownloadRecord], paths: LibraryPaths) -> None:
+def _print_remaining(downloads: dict[str, DownloadRecord], paths: Layout) -> None:
     remaining = check_records(downloads, paths)
     if remaining:
         print("left as they are (the daemon resumes them anyway):")

@@ -15,6 +15,7 @@ import anyio
 import libtorrent as lt
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from actors.layout import Layout
 from actors.mailbox import actor_group
 from actors.messages.session import SessionEvent
 from actors.messages.worker import TorrentStatus
@@ -38,16 +39,20 @@ class Library:
     root: Path
 
     @property
+    def layout(self) -> Layout:
+        return Layout(library_path=self.root, download_path=self.root / "downloads")
+
+    @property
     def state_dir(self) -> Path:
-        return self.root / "data"
+        return self.layout.state_dir
 
     @property
     def download_dir(self) -> Path:
-        return self.root / "downloads"
+        return self.layout.download_path
 
     @property
     def torrents_dir(self) -> Path:
-        return self.download_dir / "torrents"
+        return self.layout.torrents_dir
 
     def record(
         self,
@@ -155,9 +160,7 @@ async def running_session(
     takes the session's events: the test then sees their effect in the persistence actor.
     """
     settings = {**LOOPBACK_SETTINGS, **options.pop("libtorrent", {})}
-    session_options = SessionOptions(
-        torrents_dir=library.torrents_dir, libtorrent=settings, **options
-    )
+    session_options = SessionOptions(layout=library.layout, libtorrent=settings, **options)
     library.torrents_dir.mkdir(parents=True, exist_ok=True)
     publish, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
     store = StateStore(library.state_dir, MigrationContext(download_path=library.download_dir))

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
+from actors.layout import Layout
 from actors.metainfo import bdecode, read_torrent
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext
 from actors.statefile import StateStore
@@ -46,16 +47,20 @@ class Library:
     capsys: pytest.CaptureFixture[str]
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.root, self.download_path)
+
+    @property
     def state_dir(self) -> Path:
-        return self.root / "data"
+        return self.layout.state_dir
 
     @property
     def state_file(self) -> Path:
-        return self.state_dir / "downloads.json"
+        return self.layout.state_file
 
     @property
     def torrents_dir(self) -> Path:
-        return self.download_path / "torrents"
+        return self.layout.torrents_dir
 
     def store(self) -> StateStore:
         return StateStore(self.state_dir, MigrationContext(download_path=self.download_path))
@@ -147,10 +152,10 @@ class DaemonLibrary:
 
     @property
     def state_file(self) -> Path:
-        return self.root / "data" / "downloads.json"
+        return Layout(self.root, self.download_path).state_file
 
     def resume_file(self, task_id: str) -> Path:
-        return self.download_path / "torrents" / f"{task_id}.fastresume"
+        return Layout(self.root, self.download_path).resume_path(task_id)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +202,7 @@ def test_writing_commands_refuse_with_exit_3_while_the_daemon_runs(
         check=False,
     )
     assert result.returncode == 3, result.stderr
-    lock = running.root / "data" / "downloads.json.lock"
+    lock = running.state_file.with_name("downloads.json.lock")
     assert result.stderr.strip() == (
         f"dlkeeper-state: another dlkeeper holds the state lock {lock}; stop the daemon first"
     )
@@ -221,7 +226,7 @@ def test_rebuild_recreates_a_lost_state_from_the_daemons_files(
     status, out, err = library.run("rebuild")
     assert status == 0, err
     rebuilt = library.read_state()
-    store = StateStore(running.root / "data", MigrationContext(running.download_path))
+    store = StateStore(running.state_file.parent, MigrationContext(running.download_path))
     original = store.read()
     assert original is not None
     assert sorted(rebuilt) == ["done", "held"]

@@ -160,7 +160,7 @@ def test_the_default_socket_lies_in_the_runtime_directory() -> None:
 def test_the_sandbox_lets_the_daemon_write_its_default_state_and_download_folders() -> None:
     writable = [Path(path) for path in one("Service.ReadWritePaths").split()]
     defaults = Config()
-    for needed in (defaults.state_dir, defaults.download_path):
+    for needed in (defaults.layout.state_dir, defaults.download_path):
         assert any(needed.is_relative_to(path) for path in writable), needed
 
 
