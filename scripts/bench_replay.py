@@ -65,6 +65,8 @@ from benchlib import (
     ms,
     print_platform,
     time_command,
+    timed_run,
+    verdict,
 )
 
 from actors.mailbox import actor_group
@@ -279,11 +281,8 @@ def bare_reference(torrents_dir: Path) -> Bare:
     """Runs `bare_child` in a fresh interpreter that imports nothing of dlkeeper."""
     settings = json.dumps(LOOPBACK_SETTINGS)
     code = f"{inspect.getsource(bare_child)}\nbare_child({str(torrents_dir)!r}, {settings!r})\n"
-    began = time.perf_counter()
-    # No timeout: with one, subprocess polls the child with sleeps of up to 50 ms.
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
-    process = time.perf_counter() - began
-    report = json.loads(completed.stdout)
+    process, stdout = timed_run([sys.executable, "-c", code], capture=True)
+    report = json.loads(stdout)
     return Bare(
         process=process,
         adds=report["adds"],
@@ -487,7 +486,7 @@ def print_goal(replays: list[Replay]) -> None:
     print("goal")
     print(
         f"  replay incl. worker start <= {GOAL:g} s (median)                   "
-        f"{ms(median)}   {'MET' if median <= GOAL else 'NOT MET'}"
+        f"{ms(median)}   {verdict(median <= GOAL)}"
     )
 
 

@@ -101,13 +101,26 @@ def memory_of(pid: int) -> dict[str, int]:
     return found
 
 
+def timed_run(
+    command: list[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    capture: bool = False,
+) -> tuple[float, bytes]:
+    """The seconds from spawn to exit of a command that must exit 0, and its stdout when
+    `capture` (else b"")."""
+    began = time.perf_counter()
+    # No timeout: with one, subprocess polls the child with sleeps of up to 50 ms.
+    completed = subprocess.run(
+        command, check=True, stdin=subprocess.DEVNULL, env=env, cwd=cwd, capture_output=capture
+    )
+    return time.perf_counter() - began, completed.stdout or b""
+
+
 def time_command(
     command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> float:
-    began = time.perf_counter()
-    # No timeout: with one, subprocess polls the child with sleeps of up to 50 ms.
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
-    return time.perf_counter() - began
+    return timed_run(command, env, cwd)[0]
 
 
 # --- statistics and output -----------------------------------------------------------------------
