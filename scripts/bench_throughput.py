@@ -56,6 +56,7 @@ from benchlib import (
     add_dir_argument,
     check_dir,
     cores,
+    filesystem_of,
     in_work_dir,
     print_platform,
     verdict,
@@ -238,20 +239,6 @@ def one_run(number: int, directory: Path, payload: Payload, seeder: Seeder, dead
 # --- machine facts and output --------------------------------------------------------------------
 
 
-def filesystem_of(directory: Path) -> str:
-    mount_point = directory.resolve()
-    while not os.path.ismount(mount_point) and mount_point != mount_point.parent:
-        mount_point = mount_point.parent
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 4 and fields[1] == str(mount_point):
-                return f"{fields[2]} on {fields[0]}, mounted at {fields[1]}"
-    except OSError:
-        pass
-    return f"mounted at {mount_point}"
-
-
 def rate(size: int, seconds: float) -> float:
     return size / MiB / seconds
 
@@ -268,7 +255,8 @@ def print_header(
     print("dlkeeper download throughput benchmark")
     print_platform(lt.__version__)
     print(f"  cores        {cores()}")
-    print(f"  directory    {directory} ({filesystem_of(directory)})")
+    print(f"  directory    {directory}")
+    print(f"  filesystem   {filesystem_of(directory)}")
     print(f"  payload      {size / MiB:g} MiB in {files.num_files()} files: {listing}")
     print(
         f"  torrent      {info.num_pieces()} pieces of {info.piece_length() // 1024} KiB, "
