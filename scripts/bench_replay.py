@@ -69,6 +69,7 @@ from benchlib import (
     verdict,
 )
 
+from actors.layout import Layout
 from actors.mailbox import actor_group
 from actors.messages.session import SessionEvent
 from actors.messages.worker import WORKER_OUTPUT, ConfigureSession, WorkerReady
@@ -102,25 +103,27 @@ LOOPBACK_SETTINGS: dict[str, str | int | bool] = {
 
 @dataclass(frozen=True)
 class Library:
+    """A library in `root`, its downloads in `root/downloads` (paths from actors.layout)."""
+
     root: Path
 
     @property
-    def state_dir(self) -> Path:
-        return self.root / "data"
+    def layout(self) -> Layout:
+        return Layout(library_path=self.root, download_path=self.root / "downloads")
 
     @property
     def download_dir(self) -> Path:
-        return self.root / "downloads"
+        return self.layout.download_path
 
     @property
     def torrents_dir(self) -> Path:
-        return self.download_dir / "torrents"
+        return self.layout.torrents_dir
 
     def store(self) -> StateStore:
-        return StateStore(self.state_dir, MigrationContext(download_path=self.download_dir))
+        return StateStore(self.layout.state_dir, MigrationContext(download_path=self.download_dir))
 
     def options(self) -> SessionOptions:
-        return SessionOptions(torrents_dir=self.torrents_dir, libtorrent=LOOPBACK_SETTINGS)
+        return SessionOptions(layout=self.layout, libtorrent=LOOPBACK_SETTINGS)
 
 
 def _key(key: object) -> bytes:
@@ -140,7 +143,7 @@ def make_records(library: Library, count: int, pieces: int) -> list[DownloadReco
         )
         info = {"name": name, "length": pieces * PIECE, "piece length": PIECE, "pieces": hashes}
         torrent = bencode({"info": info, "created by": "dlkeeper bench_replay"})
-        path = library.torrents_dir / f"{task_id}.torrent"
+        path = library.layout.torrent_path(task_id)
         path.write_bytes(torrent)
         records.append(
             DownloadRecord(
