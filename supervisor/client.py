@@ -125,6 +125,8 @@ RECONNECT_DELAY_FIRST = 0.1
 RECONNECT_DELAY_MAX = 5.0
 MAX_REQUEST_LINE = 8 * 1024 * 1024  # the daemon answers a longer line with too_large and hangs up
 MAX_REPLY_LINE = 256 * 1024 * 1024  # a `list` of many downloads with many files is long
+# The largest .torrent `add_torrent_file` sends as its content: its base64 must fit in one line.
+MAX_INLINE_TORRENT = 6 * 1024 * 1024
 
 
 def _request_error(error: ApiError, request_task_id: str | None) -> RequestError:
@@ -464,11 +466,18 @@ class DlkeeperClient:
         torrent_metadata: Mapping[str, Any] | None = None,
         validation_metadata: Mapping[str, Any] | None = None,
     ) -> AddResult:
-        """Reads a .torrent file here and adds it as `torrent_b64`, so the daemon need not be
-        able to read `path` (nor keep it: it keeps its own copy)."""
-        data = await anyio.Path(path).read_bytes()
+        """Adds the .torrent file at `path`: read here and sent as `torrent_b64`, so the daemon
+        need not be able to read `path` (nor keep it: it keeps its own copy).
+
+        A file larger than `MAX_INLINE_TORRENT` does not fit in one request: it is sent as
+        `torrent_path`, its absolute path, for the daemon to read itself (`BadRequest` when the
+        daemon cannot). Only a regular file is read, and the read never blocks: a FIFO or a
+        device is refused at once. Raises `OSError` when `path` cannot be read, and then sends
+        nothing; otherwise it raises what `add()` raises."""
+        torrent_b64, torrent_path = await anyio.to_thread.run_sync(_read_torrent_file, Path(path))
         return await self.add(
-            torrent_b64=base64.b64encode(data).decode("ascii"),
+            torrent_b64=torrent_b64,
+            torrent_path=torrent_path,
             task_id=task_id,
             name=name,
             save_path=save_path,
@@ -730,3 +739,20 @@ def _parse(model: type[M], result: dict[str, Any], op: str) -> M:
 
 def _optional_str(value: str | Path | None) -> str | None:
     return None if value is None else str(value)
+
+
+def _read_torrent_file(path: Path) -> tuple[str | None, str | None]:
+    """`(torrent_b64, torrent_path)` for `add`: the file's content, or for a file too large to
+    send, its absolute path. Raises `OSError` for a file that cannot be read."""
+    # Here, not at the top: the bot's `import supervisor.client` stays the wire models and the
+    # errors, and the careful reader is the one the daemon reads a torrent_path with.
+    from actors.atomic import read_small_file  # noqa: PLC0415 (only when a file is read)
+
+    if path.stat().st_size > MAX_INLINE_TORRENT:
+        return None, str(path.absolute())
+    try:
+        # Not a plain read: a FIFO would block it for good, a device feed it without end.
+        data = read_small_file(path, MAX_INLINE_TORRENT)
+    except DlkeeperError as exc:  # not a regular file, or grown past the limit since stat()
+        raise OSError(str(exc)) from None
+    return base64.b64encode(data).decode("ascii"), None

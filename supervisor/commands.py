@@ -12,9 +12,9 @@ silently, when the reader of a pipe went away (`dlkeeper watch | head`).
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from actors.atomic import read_small_file
-from actors.errors import DlkeeperError, leaves
+from actors.errors import leaves
 from supervisor import exits, render
 from supervisor.client import (
     DaemonNotRunning,
@@ -41,8 +40,6 @@ from supervisor.client import (
 
 # A command run by hand should say at once that the daemon is down, not after the client's 10 s.
 CONNECT_TIMEOUT = 2.0
-# The largest .torrent sent as its content: base64 of it must fit in the daemon's 8 MiB line.
-MAX_INLINE_TORRENT = 6 * 1024 * 1024
 
 # `ls` shortens ids and names to fit the terminal, but not below these.
 MIN_ID_WIDTH = 8
@@ -140,43 +137,27 @@ async def _info(client: DlkeeperClient, args: argparse.Namespace, console: Conso
 
 async def _add(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:
     source: str = args.source
-    magnet = torrent_b64 = torrent_path = None
     if source[:7].lower() == "magnet:":
-        magnet = source
+        add = partial(client.add, magnet=source)
     else:
-        torrent_b64, torrent_path = await _torrent_file(source)
-    result = await client.add(
-        magnet=magnet,
-        torrent_b64=torrent_b64,
-        torrent_path=torrent_path,
-        task_id=args.task_id,
-        name=args.name,
-        save_path=args.save_path,
-        paused=True if args.paused else None,
-        peers=args.peers,
-    )
+        add = partial(client.add_torrent_file, source)
+    try:
+        result = await add(
+            task_id=args.task_id,
+            name=args.name,
+            save_path=args.save_path,
+            paused=True if args.paused else None,
+            peers=args.peers,
+        )
+    except OSError as exc:  # only add_torrent_file raises it: the file, before anything was sent
+        raise CommandFailed(
+            f"cannot read {source}: {exc.strerror or exc} (give a magnet: link or a .torrent file)"
+        ) from None
     if args.json:
         _print_json(_jsonable(result))
     else:
         console.print(Text(result.task_id))
     return exits.OK
-
-
-async def _torrent_file(source: str) -> tuple[str | None, str | None]:
-    """The .torrent's content as base64, or for one too large to send, its absolute path."""
-    path = anyio.Path(source)
-    try:
-        if (await path.stat()).st_size > MAX_INLINE_TORRENT:
-            # Too large for one request line: the daemon reads it itself, if it may.
-            return None, str(await path.absolute())
-        # Not a plain read: a FIFO would block it for good, a device feed it without end.
-        data = await anyio.to_thread.run_sync(read_small_file, Path(source), MAX_INLINE_TORRENT)
-    except (OSError, DlkeeperError) as exc:
-        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
-        raise CommandFailed(
-            f"cannot read {source}: {reason} (give a magnet: link or a .torrent file)"
-        ) from None
-    return base64.b64encode(data).decode("ascii"), None
 
 
 async def _pause(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:

@@ -8,6 +8,7 @@ in between, or by hanging up. Stopping it and starting another at the same path 
 from __future__ import annotations
 
 import base64
+import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ from actors.messages.wire import (
     DownloadRemovedEvent,
 )
 from supervisor.client import (
+    MAX_INLINE_TORRENT,
     DaemonNotRunning,
     DaemonUnavailable,
     DlkeeperClient,
@@ -277,6 +279,39 @@ async def test_add_torrent_file_sends_the_file_as_base64(socket_path: Path, tmp_
     assert "torrent_path" not in received.request
     assert added is not None
     assert added.task_id == "made"
+
+
+async def test_add_torrent_file_of_a_fifo_fails_at_once_and_sends_nothing(
+    socket_path: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "show.torrent"
+    os.mkfifo(fifo)  # no writer: a plain read would wait for good
+    with anyio.fail_after(TEST_DEADLINE):
+        async with running_daemon(socket_path) as daemon, DlkeeperClient(socket_path) as client:
+            with pytest.raises(OSError, match="is not a regular file"):
+                await client.add_torrent_file(fifo)
+
+    assert daemon.connections == []
+
+
+async def test_add_torrent_file_sends_a_file_too_large_for_one_line_as_its_absolute_path(
+    socket_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with (tmp_path / "huge.torrent").open("wb") as huge:
+        huge.truncate(MAX_INLINE_TORRENT + 1)
+    monkeypatch.chdir(tmp_path)
+    with anyio.fail_after(TEST_DEADLINE):
+        async with (
+            running_daemon(socket_path) as daemon,
+            DlkeeperClient(socket_path) as client,
+            anyio.create_task_group() as task_group,
+        ):
+            task_group.start_soon(lambda: client.add_torrent_file("huge.torrent"))
+            received = await daemon.next_request()
+            await received.reply({"task_id": "made", "info_hash": "cd" * 20, "status": "queued"})
+
+    assert received.request["torrent_path"] == str(tmp_path / "huge.torrent")
+    assert "torrent_b64" not in received.request
 
 
 async def test_list_returns_the_downloads_as_models(socket_path: Path) -> None:
