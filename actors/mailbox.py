@@ -79,6 +79,13 @@ class Envelope(Generic[M]):
     message: M
     reply: Reply | None = None
 
+    def asked(self) -> Reply:
+        """The reply an `ask()` waits for. For an actor that answers every message: a `tell()`
+        to it is a bug in dlkeeper, and stops it."""
+        if self.reply is None:
+            raise DlkeeperError(f"{type(self.message).__name__} must be asked, not told")
+        return self.reply
+
 
 class Actor(ABC, Generic[M]):
     """Base of every actor. Subclasses implement `run()` and may override the hooks."""

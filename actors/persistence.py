@@ -143,7 +143,7 @@ def apply_mutation(
 @dataclass
 class _Pending:
     mutation: StateMutation
-    reply: Reply | None
+    reply: Reply
     applied: Applied
 
     def answer(self) -> Message:
@@ -187,30 +187,25 @@ class PersistenceActor(Actor[PersistenceCommand]):
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._write_loop)
             async for envelope in inbox:
-                self._handle(envelope.message, envelope.reply)
+                self._handle(envelope.message, envelope.asked())
                 # Take everything already waiting in one turn, so that it joins the next write.
                 for waiting in _ready(inbox):
-                    self._handle(waiting.message, waiting.reply)
+                    self._handle(waiting.message, waiting.asked())
             self._inbox_closed = True
             self._wake.set()  # the write loop saves what is queued, then returns
 
-    def _handle(self, command: PersistenceCommand, reply: Reply | None) -> None:
+    def _handle(self, command: PersistenceCommand, reply: Reply) -> None:
         if isinstance(command, GetSnapshot | GetRecord | GetPersistenceStats):
-            if reply is not None:
-                self._answer_read(command, reply)
+            self._answer_read(command, reply)
             return
         try:
             applied = apply_mutation(self._working, command, self._index)
         except DlkeeperError as error:
-            if reply is None:
-                log.warning("persistence: %s refused: %s", command.kind, error)
-            else:
-                reply.fail(error)
+            reply.fail(error)
             return
         pending = _Pending(command, reply, applied)
         if applied.existed and self._committed.get(applied.record.task_id) is applied.record:
-            if reply is not None:
-                reply.send(pending.answer())  # already on disk: nothing to wait for
+            reply.send(pending.answer())  # already on disk: nothing to wait for
             return
         self._queued.append(pending)
         self._wake.set()
@@ -263,8 +258,7 @@ class PersistenceActor(Actor[PersistenceCommand]):
             self._writes += 1
             self._committed_mutations += len(batch)
             for pending in batch:
-                if pending.reply is not None:
-                    pending.reply.send(pending.answer())
+                pending.reply.send(pending.answer())
 
     async def _let_answered_callers_queue(self) -> None:
         # Callers answered by the previous write need a few scheduler turns to send their next
@@ -283,8 +277,7 @@ class PersistenceActor(Actor[PersistenceCommand]):
         error = StateWriteFailed(f"could not save the download state: {exc}")
         log.error("persistence: %s; %d changes refused", error, len(batch))
         for pending in batch:
-            if pending.reply is not None:
-                pending.reply.fail(error)
+            pending.reply.fail(error)
         # Back to what is on disk, then redo the mutations that arrived during the failed write.
         self._working = dict(self._committed)
         self._index = HashIndex(self._working)

@@ -17,28 +17,19 @@ from __future__ import annotations
 import base64
 import contextlib
 import ipaddress
-import itertools
 import logging
 import math
-import os
-import signal
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import anyio
-from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pydantic import ValidationError
 
 from actors.atomic import read_small_file, write_file_atomically
 from actors.errors import (
-    ConfigError,
     DlkeeperError,
     InvalidTorrent,
     NotFound,
@@ -46,14 +37,13 @@ from actors.errors import (
     RestartIntensityExceeded,
     WorkerGone,
     WorkerTimeout,
-    error_from_body,
 )
 from actors.layout import MAX_RESUME_BYTES, Layout, replay_torrent
 from actors.mailbox import Actor, ActorRef, Envelope, Reply, expect
-from actors.messages.base import Message
+from actors.messages.base import DoneReply, Message
 from actors.messages.session import (
+    AddDownload,
     AwaitReplayed,
-    DoneReply,
     DownloadErrored,
     DownloadFinished,
     DownloadMetadataKept,
@@ -62,50 +52,42 @@ from actors.messages.session import (
     GetDownloadStatus,
     GetSessionStats,
     PauseDownload,
+    RemoveDownload,
     ResumeDownload,
-    ResumeSavedReply,
     SaveAllResumeData,
     SessionCommand,
     SessionEvent,
     SessionStatsReply,
     SetDownloadFiles,
-    StartDownload,
-    StatusReply,
-    StopDownload,
     WorkerRestarted,
 )
 from actors.messages.worker import (
-    WORKER_OUTPUT,
     AddTorrent,
-    ConfigureSession,
+    FilePrioritiesReply,
     GetTorrentStatus,
     MetadataReceived,
     PauseTorrent,
     Ping,
+    PongReply,
     RemoveTorrent,
     ResumeDataSaved,
+    ResumeSavedReply,
     ResumeTorrent,
     SaveResumeData,
-    SetFilePriorities,
-    SettingsRejected,
+    SetTorrentFiles,
+    StatusReply,
+    TorrentAddedReply,
     TorrentFailed,
     TorrentFinished,
     TorrentStateChanged,
     TorrentStatus,
-    WorkerCommand,
-    WorkerReady,
-    WorkerReply,
 )
 from actors.metainfo import torrent_name
 from actors.persistence import Persistence
 from actors.state import ACTIVE_STATUSES, DownloadRecord, DownloadStatus
+from actors.worker_process import WORKER_COMMAND, WorkerProcess, spawn_worker
 
 log = logging.getLogger(__name__)
-
-C = TypeVar("C", bound=WorkerCommand)
-
-MAX_LINE_BYTES = 256 * 1024 * 1024  # resume data of a huge v2 torrent can be tens of MiB
-WORKER_MODULE = "actors.session_worker"
 
 
 @dataclass(frozen=True)
@@ -125,185 +107,7 @@ class SessionOptions:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     worker_stop_timeout: float = 2.0  # after stdin closes, and again after SIGTERM
-    worker_command: tuple[str, ...] = (sys.executable, "-m", WORKER_MODULE)
-
-
-# --- one worker process ---------------------------------------------------------------------------
-
-
-@dataclass
-class _InputBatch:
-    """Commands for the worker that go out in one write; `written` is set once it is done."""
-
-    lines: list[bytes] = field(default_factory=list)
-    written: anyio.Event = field(default_factory=anyio.Event)
-    error: BaseException | None = None
-
-
-class WorkerProcess:
-    """A running worker: its process, its requests in flight, and the reader of its output."""
-
-    def __init__(self, process: Process, events: MemoryObjectSendStream[Message]) -> None:
-        self.process = process
-        self.exited = anyio.Event()
-        self.exit_reason = "running"
-        self._events = events
-        self._ids = itertools.count(1)
-        self._pending: dict[int, Reply] = {}
-        self._configured = Reply()
-        self._unsent = _InputBatch()
-        self._input_wanted = anyio.Event()
-        self._input_closed = False
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    async def read_output(self) -> None:
-        """Reads replies and events until the worker's stdout closes; then fails what waits."""
-        assert self.process.stdout is not None
-        stream = BufferedByteReceiveStream(self.process.stdout)
-        try:
-            while True:
-                self._dispatch(await stream.receive_until(b"\n", MAX_LINE_BYTES))
-        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.ClosedResourceError):
-            self.exit_reason = "its output closed"
-        except anyio.BrokenResourceError:
-            self.exit_reason = "its output broke"
-        except anyio.DelimiterNotFound:
-            self.exit_reason = "it wrote a line longer than the limit"
-        finally:
-            gone = WorkerGone(f"the libtorrent worker is gone: {self.exit_reason}")
-            for reply in self._pending.values():
-                reply.fail(gone)
-            self._pending.clear()
-            self._configured.fail(gone)
-            self.exited.set()
-
-    def _dispatch(self, line: bytes) -> None:
-        try:
-            output = WORKER_OUTPUT.validate_json(line)
-        except ValidationError as exc:
-            log.error("worker wrote a malformed line (%s): %.200r", exc.errors()[0]["msg"], line)
-            return
-        if isinstance(output, WorkerReply):
-            if output.id == 0:  # the answer to `configure`, when it failed
-                self._configured.send(output)
-            reply = self._pending.pop(output.id, None)
-            if reply is not None:
-                reply.send(output)
-        elif isinstance(output, WorkerReady | SettingsRejected):
-            self._configured.send(output)
-        else:
-            self._events.send_nowait(output)
-
-    async def configure(
-        self, settings: Mapping[str, str | int | bool], timeout: float
-    ) -> WorkerReady:
-        """Starts the session; raises `ConfigError` for a bad [libtorrent] setting."""
-        with anyio.move_on_after(timeout):
-            await self._send(ConfigureSession(id=0, settings=dict(settings)))
-            answer = await self._configured.wait()
-            if isinstance(answer, SettingsRejected):
-                raise ConfigError(f"libtorrent.{answer.key}", answer.reason)
-            if isinstance(answer, WorkerReply):
-                message = answer.error.message if answer.error else "no reason given"
-                raise WorkerGone(f"the libtorrent worker failed to start its session: {message}")
-            return expect(answer, WorkerReady)
-        raise WorkerTimeout(f"the libtorrent worker did not get ready within {timeout:g} s")
-
-    async def request(self, command: Callable[[int], C], timeout: float) -> dict[str, Any]:
-        """Sends `command(id)` and returns the result of its reply; raises its error.
-
-        `WorkerGone` when the worker died, `WorkerTimeout` when it did not answer in time.
-        """
-        if self.exited.is_set():
-            raise WorkerGone(f"the libtorrent worker is gone: {self.exit_reason}")
-        request_id = next(self._ids)
-        reply = Reply()
-        self._pending[request_id] = reply
-        try:
-            # Sending is inside the deadline too: a worker that stopped reading fills the pipe.
-            with anyio.move_on_after(timeout):
-                await self._send(command(request_id))
-                return _result(expect(await reply.wait(), WorkerReply))
-            # A worker that does not answer hangs: killed now, the session actor replaces it.
-            self._signal(signal.SIGKILL)
-            raise WorkerTimeout(f"the libtorrent worker did not answer within {timeout:g} s")
-        finally:
-            self._pending.pop(request_id, None)
-
-    async def _send(self, command: WorkerCommand) -> None:
-        """Hands the command to `write_input` and returns once it is written."""
-        if self._input_closed:
-            raise WorkerGone(f"the libtorrent worker is gone: {self.exit_reason}")
-        batch = self._unsent
-        batch.lines.append(command.model_dump_json().encode() + b"\n")
-        self._input_wanted.set()
-        await batch.written.wait()
-        if batch.error is not None:
-            raise WorkerGone(f"the libtorrent worker is gone: {batch.error}")
-
-    async def write_input(self) -> None:
-        """Writes commands to the worker's stdin, everything that waits in one write: many
-        concurrent senders then cost one write, not a lock handed from one to the next."""
-        assert self.process.stdin is not None
-        try:
-            while True:
-                await self._input_wanted.wait()
-                self._input_wanted = anyio.Event()
-                batch, self._unsent = self._unsent, _InputBatch()
-                try:
-                    await self.process.stdin.send(b"".join(batch.lines))
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    batch.error = exc
-                except BaseException:
-                    batch.error = RuntimeError("its input was closed")
-                    raise
-                finally:
-                    batch.written.set()
-        finally:
-            self._input_closed = True
-            self._unsent.error = RuntimeError("its input was closed")
-            self._unsent.written.set()
-
-    async def kill(self) -> None:
-        """SIGKILL (works on a stopped process too) and reap."""
-        with anyio.CancelScope(shield=True):
-            self._signal(signal.SIGKILL)
-            await self.process.wait()
-
-    async def close(self, timeout: float) -> None:
-        """Asks the worker to stop (stdin closed), then SIGTERM, then SIGKILL; always reaps."""
-        with anyio.CancelScope(shield=True):
-            if self.process.stdin is not None:
-                with contextlib.suppress(anyio.BrokenResourceError, OSError):
-                    await self.process.stdin.aclose()
-            for escalation in (signal.SIGTERM, signal.SIGKILL):
-                with anyio.move_on_after(timeout):
-                    await self.process.wait()
-                    return
-                log.warning("libtorrent worker did not stop; sending %s", escalation.name)
-                self._signal(escalation)
-            await self.process.wait()
-
-    def _signal(self, signum: signal.Signals) -> None:
-        # os.kill, not Process.kill(): that polls the child, which can reap it before asyncio's
-        # child watcher does ("Unknown child process pid N, will report returncode 255").
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signum)
-
-
-def _result(answer: WorkerReply) -> dict[str, Any]:
-    """The result of a worker's reply, or its error raised as ours."""
-    if answer.ok:
-        return answer.result or {}
-    if answer.error is None:
-        raise DlkeeperError("the libtorrent worker failed without saying why")
-    if answer.error.traceback:
-        log.error("libtorrent worker error: %s", answer.error.traceback)
-    raise error_from_body(answer.error.code, answer.error.message, answer.error.task_id)
+    worker_command: tuple[str, ...] = WORKER_COMMAND
 
 
 # --- the actor ------------------------------------------------------------------------------------
@@ -344,7 +148,7 @@ class SessionActor(Actor[SessionCommand]):
             task_group.start_soon(self._handle_worker_events)
             task_group.start_soon(self._save_resume_data_periodically)
             async for envelope in inbox:
-                task_group.start_soon(self._serve, envelope.message, envelope.reply)
+                task_group.start_soon(self._serve, envelope.message, envelope.asked())
             await self._shut_down()
             task_group.cancel_scope.cancel()
 
@@ -384,25 +188,17 @@ class SessionActor(Actor[SessionCommand]):
 
     async def _run_one_worker(self) -> tuple[str, bool]:
         """Runs one worker from spawn to death; returns why it ended and whether it served."""
-        process = await anyio.open_process(
-            list(self._options.worker_command), stderr=None, start_new_session=True
+        # Closing: the worker is writing what it holds; killing it at once would lose it.
+        grace = lambda: self._stop_grace() if self._stopping else 0.0  # noqa: E731
+        spawned = spawn_worker(
+            self._options.worker_command, self._worker_events_send, exit_grace=grace
         )
-        worker = WorkerProcess(process, self._worker_events_send)
-        try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(worker.read_output)
-                task_group.start_soon(worker.write_input)
-                result = await self._serve_worker(worker)
-                task_group.cancel_scope.cancel()
-        finally:
-            self._worker = None
-            self._set_worker_ready(False)
-            if self._stopping:
-                # Closing: the worker is writing what it holds; killing it now loses data.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self._stop_grace()):
-                    await worker.process.wait()
-            await worker.kill()
-        return result
+        async with spawned as worker:
+            try:
+                return await self._serve_worker(worker)
+            finally:
+                self._worker = None
+                self._set_worker_ready(False)
 
     def _stop_grace(self) -> float:
         return self._options.shutdown_timeout + 2 * self._options.worker_stop_timeout + 1
@@ -447,7 +243,9 @@ class SessionActor(Actor[SessionCommand]):
                 return "stopped"
             try:
                 await worker.request(
-                    lambda request_id: Ping(id=request_id), self._options.heartbeat_timeout
+                    lambda request_id: Ping(id=request_id),
+                    self._options.heartbeat_timeout,
+                    PongReply,
                 )
                 self._last_heartbeat = time.monotonic()
             except WorkerTimeout as exc:
@@ -536,12 +334,14 @@ class SessionActor(Actor[SessionCommand]):
             )
 
         try:
-            await worker.request(add_from(sources.torrent_b64), self._options.request_timeout)
+            await worker.request(
+                add_from(sources.torrent_b64), self._options.request_timeout, TorrentAddedReply
+            )
         except InvalidTorrent:
             if sources.torrent_b64 is None or not record.magnet_link:
                 raise
             log.warning("download %s: its .torrent is invalid; using its magnet", record.task_id)
-            await worker.request(add_from(None), self._options.request_timeout)
+            await worker.request(add_from(None), self._options.request_timeout, TorrentAddedReply)
 
     # --- events from the worker -----------------------------------------------------------------
 
@@ -604,29 +404,22 @@ class SessionActor(Actor[SessionCommand]):
                 await worker.request(
                     lambda request_id: SaveResumeData(id=request_id, only_if_modified=True),
                     self._options.request_timeout,
+                    ResumeSavedReply,
                 )
             except DlkeeperError as exc:
                 log.warning("periodic save of resume data failed: %s", exc)
 
     # --- commands -------------------------------------------------------------------------------
 
-    async def _serve(self, command: SessionCommand, reply: Reply | None) -> None:
+    async def _serve(self, command: SessionCommand, reply: Reply) -> None:
         try:
             result = await self._execute(command)
         except DlkeeperError as error:
-            if reply is None:
-                log.warning("session: %s failed: %s", command.kind, error)
-            else:
-                if isinstance(error, WorkerGone):
-                    error = NotReady(f"the libtorrent worker restarted; retry ({error})")
-                reply.fail(error)
+            if isinstance(error, WorkerGone):
+                error = NotReady(f"the libtorrent worker restarted; retry ({error})")
+            reply.fail(error)
             return
-        except (KeyError, TypeError, ValueError) as exc:  # a reply not shaped as promised
-            if reply is not None:
-                reply.fail(DlkeeperError(f"unexpected answer from the libtorrent worker: {exc}"))
-            return
-        if reply is not None:
-            reply.send(result)
+        reply.send(result)
 
     async def _execute(self, command: SessionCommand) -> Message:
         if isinstance(command, AwaitReplayed):
@@ -652,48 +445,53 @@ class SessionActor(Actor[SessionCommand]):
 
     async def _execute_on(self, worker: WorkerProcess, command: SessionCommand) -> Message:
         timeout = self._options.request_timeout
-        if isinstance(command, StartDownload):
+        if isinstance(command, AddDownload):
             if command.fresh:
                 sources = _Sources(command.torrent_b64, None, None)
             else:
                 sources = await anyio.to_thread.run_sync(self._read_source, command.record)
             await self._add(worker, command.record, sources)
         elif isinstance(command, GetDownloadStatus):
-            result = await worker.request(
-                lambda request_id: GetTorrentStatus(id=request_id, task_id=command.task_id), timeout
-            )
-            return StatusReply(
-                torrents=tuple(TorrentStatus.model_validate(t) for t in result["torrents"])
+            return await worker.request(
+                lambda request_id: GetTorrentStatus(id=request_id, task_id=command.task_id),
+                timeout,
+                StatusReply,
             )
         elif isinstance(command, SaveAllResumeData):
-            result = await worker.request(
+            saved = await worker.request(
                 lambda request_id: SaveResumeData(
                     id=request_id, only_if_modified=command.only_if_modified
                 ),
                 timeout,
+                ResumeSavedReply,
             )
             await self._flush_worker_events()  # the files are written when this answers
-            return ResumeSavedReply(saved=int(result["saved"]), failed=int(result["failed"]))
+            return saved
         elif isinstance(command, PauseDownload):
             await worker.request(
-                lambda request_id: PauseTorrent(id=request_id, task_id=command.task_id), timeout
+                lambda request_id: PauseTorrent(id=request_id, task_id=command.task_id),
+                timeout,
+                DoneReply,
             )
         elif isinstance(command, ResumeDownload):
             await worker.request(
-                lambda request_id: ResumeTorrent(id=request_id, task_id=command.task_id), timeout
+                lambda request_id: ResumeTorrent(id=request_id, task_id=command.task_id),
+                timeout,
+                DoneReply,
             )
         elif isinstance(command, SetDownloadFiles):
             await worker.request(
-                lambda request_id: SetFilePriorities(
+                lambda request_id: SetTorrentFiles(
                     id=request_id, task_id=command.task_id, file_priorities=command.file_priorities
                 ),
                 timeout,
+                FilePrioritiesReply,
             )
-        elif isinstance(command, StopDownload):
-            await self._stop(worker, command)
+        elif isinstance(command, RemoveDownload):
+            await self._remove(worker, command)
         return DoneReply()
 
-    async def _stop(self, worker: WorkerProcess, command: StopDownload) -> None:
+    async def _remove(self, worker: WorkerProcess, command: RemoveDownload) -> None:
         """Takes the download out of the session and deletes its .torrent copy and resume data
         (a forgotten download must not come back with a `rebuild`, nor under a reused id)."""
         self._forgotten.add(command.task_id)
@@ -703,6 +501,7 @@ class SessionActor(Actor[SessionCommand]):
                     id=request_id, task_id=command.task_id, delete_files=command.delete_files
                 ),
                 self._options.request_timeout,
+                DoneReply,
             )
         await self._flush_worker_events()
         for path in (
@@ -737,6 +536,7 @@ class SessionActor(Actor[SessionCommand]):
                                     id=request_id, only_if_modified=True
                                 ),
                                 self._options.shutdown_timeout,
+                                ResumeSavedReply,
                             )
                     await self._flush_worker_events()  # the resume data reaches the disk
                 if scope.cancelled_caught:
@@ -809,12 +609,12 @@ class Session:
         """Returns once the first worker is up and every persisted download is in it."""
         await self.ref.ask(AwaitReplayed(), timeout=timeout)
 
-    async def start(
+    async def add(
         self, record: DownloadRecord, *, fresh: bool = False, torrent: bytes | None = None
     ) -> None:
         """Puts a saved download into the session. `fresh`: it was just added, with `torrent`
         (the bytes of its .torrent copy) or a magnet, and has no resume data yet."""
-        command = StartDownload(record=record, fresh=fresh, torrent_b64=_b64(torrent))
+        command = AddDownload(record=record, fresh=fresh, torrent_b64=_b64(torrent))
         await self.ref.ask(command, timeout=self._timeout)
 
     async def pause(self, task_id: str) -> None:
@@ -823,9 +623,9 @@ class Session:
     async def resume(self, task_id: str) -> None:
         await self.ref.ask(ResumeDownload(task_id=task_id), timeout=self._timeout)
 
-    async def stop(self, task_id: str, *, delete_files: bool = False) -> None:
+    async def remove(self, task_id: str, *, delete_files: bool = False) -> None:
         await self.ref.ask(
-            StopDownload(task_id=task_id, delete_files=delete_files), timeout=self._timeout
+            RemoveDownload(task_id=task_id, delete_files=delete_files), timeout=self._timeout
         )
 
     async def set_files(self, task_id: str, priorities: tuple[int, ...]) -> None:

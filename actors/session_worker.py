@@ -30,22 +30,27 @@ import orjson
 from pydantic import ValidationError
 
 from actors.errors import BadRequest, DlkeeperError, InvalidMagnet, InvalidTorrent, NotFound
-from actors.messages.base import Message
+from actors.messages.base import DoneReply, Message
 from actors.messages.worker import (
     WORKER_REQUESTS,
     AddTorrent,
     ConfigureSession,
     FileEntry,
+    FilePrioritiesReply,
     GetTorrentStatus,
     MetadataReceived,
     PauseTorrent,
     Ping,
+    PongReply,
     RemoveTorrent,
     ResumeDataSaved,
+    ResumeSavedReply,
     ResumeTorrent,
     SaveResumeData,
-    SetFilePriorities,
     SettingsRejected,
+    SetTorrentFiles,
+    StatusReply,
+    TorrentAddedReply,
     TorrentFailed,
     TorrentFinished,
     TorrentStateChanged,
@@ -54,6 +59,7 @@ from actors.messages.worker import (
     WorkerReady,
     WorkerReply,
     WorkerRequest,
+    WorkerResult,
 )
 
 log = logging.getLogger("dlkeeper.worker")
@@ -232,21 +238,21 @@ class SessionWorker:
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
             self.request_save({request.task_id})
-            self.reply(request.id, {})
+            self.reply(request.id, DoneReply())
         elif isinstance(request, ResumeTorrent):
             # Back to libtorrent's queue, which starts it at its next tick (see add()).
             self.torrent(request.task_id).handle.set_flags(lt.torrent_flags.auto_managed)
-            self.reply(request.id, {})
+            self.reply(request.id, DoneReply())
         elif isinstance(request, RemoveTorrent):
             self.remove(request)
-        elif isinstance(request, SetFilePriorities):
+        elif isinstance(request, SetTorrentFiles):
             self.set_priorities(request)
         elif isinstance(request, GetTorrentStatus):
             self.status(request)
         elif isinstance(request, SaveResumeData):
             self.save_resume_data(request)
         elif isinstance(request, Ping):
-            self.reply(request.id, {"torrents": len(self.torrents)})
+            self.reply(request.id, PongReply(torrents=len(self.torrents)))
 
     def configure(self, request: ConfigureSession) -> None:
         if self.session is not None:
@@ -362,25 +368,25 @@ class SessionWorker:
         flags = lt.session.delete_files if request.delete_files else 0
         self.session.remove_torrent(torrent.handle, flags)
         self.forget_saves(request.task_id)
-        self.reply(request.id, {})
+        self.reply(request.id, DoneReply())
 
-    def set_priorities(self, request: SetFilePriorities) -> None:
+    def set_priorities(self, request: SetTorrentFiles) -> None:
         torrent = self.torrent(request.task_id)
         if not torrent.handle.status(0).has_metadata:
             torrent.pending_priorities = request.file_priorities
-            self.reply(request.id, {"applied": False})
+            self.reply(request.id, FilePrioritiesReply(applied=False))
             return
         info = torrent.handle.torrent_file()
         torrent.handle.prioritize_files(libtorrent_priorities(info, request.file_priorities))
-        self.reply(request.id, {"applied": True})
+        self.reply(request.id, FilePrioritiesReply(applied=True))
 
     def status(self, request: GetTorrentStatus) -> None:
         if request.task_id is not None:
             chosen = [self.torrent(request.task_id)]
         else:
             chosen = list(self.torrents.values())
-        statuses = [self.torrent_status(t).model_dump(mode="json") for t in chosen]
-        self.reply(request.id, {"torrents": statuses})
+        statuses = tuple(self.torrent_status(t) for t in chosen)
+        self.reply(request.id, StatusReply(torrents=statuses))
 
     def torrent_status(self, torrent: _Torrent) -> TorrentStatus:
         status = torrent.handle.status()
@@ -431,7 +437,7 @@ class SessionWorker:
         if chosen:
             self.saves.append(pending)
         else:
-            self.reply(request.id, {"saved": 0, "failed": 0})
+            self.reply(request.id, ResumeSavedReply(saved=0, failed=0))
 
     def request_save(self, task_ids: set[str]) -> None:
         for task_id in task_ids:
@@ -451,7 +457,8 @@ class SessionWorker:
                 if not pending.waiting:
                     self.saves.remove(pending)
                     self.reply(
-                        pending.request_id, {"saved": pending.saved, "failed": pending.failed}
+                        pending.request_id,
+                        ResumeSavedReply(saved=pending.saved, failed=pending.failed),
                     )
 
     # --- alerts ---------------------------------------------------------------------------------
@@ -550,7 +557,7 @@ class SessionWorker:
             self.reply_added(request_id, torrent)
 
     def reply_added(self, request_id: int, torrent: _Torrent) -> None:
-        self.reply(request_id, {"info_hash": torrent.info_hash})
+        self.reply(request_id, TorrentAddedReply(info_hash=torrent.info_hash))
 
     def release_overdue(self) -> None:
         """Releases what waited more than FLUSH_TIMEOUT for a flush that never reported back."""
@@ -577,7 +584,7 @@ class SessionWorker:
 
     # --- output ---------------------------------------------------------------------------------
 
-    def reply(self, request_id: int, result: dict[str, Any]) -> None:
+    def reply(self, request_id: int, result: WorkerResult) -> None:
         self.send(WorkerReply(id=request_id, ok=True, result=result))
 
     def reply_error(self, request_id: int, error: BaseException) -> None:

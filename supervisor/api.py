@@ -270,7 +270,7 @@ class ApiService:
     async def cancel(self, params: CancelParams) -> EmptyResult:
         await self._persistence.remove(params.task_id)
         await self._tell_session(
-            self._session.stop(params.task_id, delete_files=params.delete_files)
+            self._session.remove(params.task_id, delete_files=params.delete_files)
         )
         self._bus.publish(lambda seq: DownloadRemovedEvent(seq=seq, task_id=params.task_id))
         return EmptyResult()
@@ -292,7 +292,7 @@ class ApiService:
 
     async def ack(self, params: TaskParams) -> EmptyResult:
         await self._persistence.ack(params.task_id)
-        await self._tell_session(self._session.stop(params.task_id))
+        await self._tell_session(self._session.remove(params.task_id))
         return EmptyResult()
 
     async def stats(self, _: NoParams) -> StatsResult:
@@ -352,7 +352,7 @@ class ApiService:
 
     async def _start(self, record: DownloadRecord, torrent: bytes | None) -> None:
         try:
-            await self._session.start(record, fresh=True, torrent=torrent)
+            await self._session.add(record, fresh=True, torrent=torrent)
         except NotReady:
             pass  # saved: the replay into the next worker adds it
         except DlkeeperError:

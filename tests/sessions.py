@@ -147,7 +147,7 @@ class RunningSession:
     async def add(self, record: DownloadRecord) -> None:
         """Persists the download, then starts it (the order the daemon uses)."""
         await self.persistence.add(record)
-        await self.session.start(record)
+        await self.session.add(record)
 
 
 @asynccontextmanager

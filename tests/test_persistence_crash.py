@@ -30,9 +30,9 @@ from typing import IO, Any
 import pytest
 
 from actors.errors import CorruptState
+from actors.layout import STATE_FILE_NAME
 from actors.messages.persistence import RecordChanges
 from actors.state import CURRENT_VERSION, DownloadRecord, decode_state
-from actors.layout import STATE_FILE_NAME
 from tests.crash_child import Command, migration_context, owner_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

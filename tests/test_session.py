@@ -329,7 +329,7 @@ async def test_stopped_download_leaves_no_torrent_copy_or_resume_data(
         await running.next_event(DownloadFinished, lambda e: e.task_id == "gone")
         await running.session.save_resume_data(only_if_modified=False)
         assert (library.torrents_dir / "gone.fastresume").exists()
-        await running.session.stop("gone")
+        await running.session.remove("gone")
         assert await running.session.status() == ()
     assert not (library.torrents_dir / "gone.fastresume").exists()
     assert not (library.torrents_dir / "gone.torrent").exists()

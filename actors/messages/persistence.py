@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, Field, TypeAdapter, field_validator
+from pydantic import AwareDatetime, Field, field_validator
 
 from actors.messages.base import Message
 from actors.state import DownloadRecord, DownloadStatus, FilePriority, Progress, TaskId
@@ -138,4 +138,3 @@ PersistenceCommand = Annotated[
     | GetPersistenceStats,
     Field(discriminator="kind"),
 ]
-PERSISTENCE_COMMANDS: TypeAdapter[PersistenceCommand] = TypeAdapter(PersistenceCommand)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field
 
 from actors.messages.base import Message
-from actors.messages.worker import TorrentStatus
 from actors.state import DownloadRecord, FilePriority, TaskId
 
 
-class StartDownload(Message):
+class AddDownload(Message):
     """Put a persisted download into the session (its .torrent copy or magnet, its resume data,
     priorities, pause state and peers). A download already in the session is left as it is."""
 
@@ -33,7 +32,7 @@ class ResumeDownload(Message):
     task_id: TaskId
 
 
-class StopDownload(Message):
+class RemoveDownload(Message):
     """Take a download out of the session for good (a cancel or an ack): its kept .torrent and
     resume data are deleted; its downloaded files stay unless `delete_files`."""
 
@@ -73,10 +72,10 @@ class AwaitReplayed(Message):
 
 
 SessionCommand = Annotated[
-    StartDownload
+    AddDownload
     | PauseDownload
     | ResumeDownload
-    | StopDownload
+    | RemoveDownload
     | SetDownloadFiles
     | GetDownloadStatus
     | SaveAllResumeData
@@ -84,18 +83,6 @@ SessionCommand = Annotated[
     | AwaitReplayed,
     Field(discriminator="kind"),
 ]
-SESSION_COMMANDS: TypeAdapter[SessionCommand] = TypeAdapter(SessionCommand)
-
-
-class StatusReply(Message):
-    kind: Literal["status_reply"] = "status_reply"
-    torrents: tuple[TorrentStatus, ...]
-
-
-class ResumeSavedReply(Message):
-    kind: Literal["resume_saved_reply"] = "resume_saved_reply"
-    saved: int
-    failed: int
 
 
 class SessionStatsReply(Message):
@@ -105,12 +92,6 @@ class SessionStatsReply(Message):
     resume_failures: int
     worker_pid: int | None
     heartbeat_age: float | None  # seconds since the worker last answered a ping
-
-
-class DoneReply(Message):
-    """A command that has nothing to report but that it was done."""
-
-    kind: Literal["done_reply"] = "done_reply"
 
 
 class DownloadMetadataKept(Message):

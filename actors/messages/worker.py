@@ -3,11 +3,11 @@ each with an `id`) and stdout (replies to those ids, and events). Bytes travel a
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from actors.messages.base import Message
+from actors.messages.base import DoneReply, Message
 from actors.state import FilePriority, TaskId
 
 
@@ -52,7 +52,7 @@ class RemoveTorrent(WorkerCommand):
     delete_files: bool = False
 
 
-class SetFilePriorities(WorkerCommand):
+class SetTorrentFiles(WorkerCommand):
     kind: Literal["set_file_priorities"] = "set_file_priorities"
     task_id: TaskId
     file_priorities: tuple[FilePriority, ...]
@@ -86,7 +86,7 @@ WorkerRequest = Annotated[
     | PauseTorrent
     | ResumeTorrent
     | RemoveTorrent
-    | SetFilePriorities
+    | SetTorrentFiles
     | GetTorrentStatus
     | SaveResumeData
     | Ping,
@@ -132,11 +132,61 @@ class WireError(Message):
     traceback: str | None = None
 
 
+class TorrentAddedReply(Message):
+    """The answer to `add` (and to a retried one): the download is in the session."""
+
+    kind: Literal["torrent_added_reply"] = "torrent_added_reply"
+    info_hash: str
+
+
+class FilePrioritiesReply(Message):
+    """The answer to `set_file_priorities`; not `applied` yet for a magnet still without its
+    metadata: the priorities wait for it."""
+
+    kind: Literal["file_priorities_reply"] = "file_priorities_reply"
+    applied: bool
+
+
+class StatusReply(Message):
+    """The answer to `status`."""
+
+    kind: Literal["status_reply"] = "status_reply"
+    torrents: tuple[TorrentStatus, ...]
+
+
+class ResumeSavedReply(Message):
+    """The answer to `save_resume_data`, once every save it asked for is done or failed."""
+
+    kind: Literal["resume_saved_reply"] = "resume_saved_reply"
+    saved: int
+    failed: int
+
+
+class PongReply(Message):
+    """The answer to `ping`: the worker's event loop turns."""
+
+    kind: Literal["pong_reply"] = "pong_reply"
+    torrents: int
+
+
+WorkerResult = Annotated[
+    TorrentAddedReply
+    | FilePrioritiesReply
+    | StatusReply
+    | ResumeSavedReply
+    | PongReply
+    | DoneReply,
+    Field(discriminator="kind"),
+]
+
+
 class WorkerReply(Message):
+    """The answer to the command `id`: its typed `result`, or the `error` it failed with."""
+
     kind: Literal["reply"] = "reply"
     id: int
     ok: bool
-    result: dict[str, Any] | None = None
+    result: WorkerResult | None = None
     error: WireError | None = None
 
 
