@@ -26,8 +26,8 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.atomic import read_small_file, write_file_atomically
-from actors.bus import EventBus
-from actors.downloads import download_info
+from actors.bus import EventBus, Subscription
+from actors.downloads import completed_event, download_info, failed_event
 from actors.errors import (
     BadRequest,
     DlkeeperError,
@@ -41,10 +41,15 @@ from actors.errors import (
 from actors.messages.base import Message
 from actors.messages.persistence import AddRecordReply, RecordChanges
 from actors.messages.wire import (
+    MAX_PROGRESS_INTERVAL,
+    MIN_PROGRESS_INTERVAL,
     AddResult,
     DownloadAddedEvent,
+    DownloadCompletedEvent,
+    DownloadFailedEvent,
     DownloadInfo,
     DownloadPausedEvent,
+    DownloadProgressEvent,
     DownloadRemovedEvent,
     DownloadResumedEvent,
     EmptyResult,
@@ -295,6 +300,23 @@ class ApiService:
         await self._tell_session(self._session.remove(params.task_id))
         return EmptyResult()
 
+    def subscribe(self, params: dict[str, Any]) -> EventFeed:
+        """The events for one subscriber, once `open()`ed: every unacknowledged completion and
+        failure first, then live events, and progress every `progress_interval` if given."""
+        params = dict(params)
+        interval = params.pop("progress_interval", None)
+        if params:
+            raise BadRequest(f"subscribe has no parameter {sorted(params)[0]!r}")
+        if interval is not None and (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not MIN_PROGRESS_INTERVAL <= interval <= MAX_PROGRESS_INTERVAL
+        ):
+            raise BadRequest("progress_interval: a number of seconds from 0.05 to 86400")
+        return EventFeed(
+            self._bus, self._persistence, self._session, None if interval is None else interval
+        )
+
     async def stats(self, _: NoParams) -> StatsResult:
         records = await self._persistence.snapshot()
         session = await self._session.stats()
@@ -386,6 +408,89 @@ class ApiService:
             return {status.task_id: status for status in await self._session.status()}
         except NotReady:
             return {}
+
+
+class EventFeed:
+    """One subscriber's events as JSON-ready data, for `run(send)` to hand out in order."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        persistence: Persistence,
+        session: Session,
+        progress_interval: float | None,
+    ) -> None:
+        self._bus = bus
+        self._persistence = persistence
+        self._session = session
+        self._interval = progress_interval
+        self._subscription: Subscription | None = None
+
+    @property
+    def overflowed(self) -> bool:
+        """The subscriber fell behind and its events were cut off: its connection should go."""
+        return self._subscription is not None and self._subscription.overflowed
+
+    def open(self) -> None:
+        """Starts collecting live events (before the subscriber is told `ok`: none is missed)."""
+        self._subscription = self._bus.subscribe()
+
+    def close(self) -> None:
+        if self._subscription is not None:
+            self._bus.unsubscribe(self._subscription)
+
+    async def run(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Sends the backlog, then live events (and progress) until the subscription ends."""
+        assert self._subscription is not None, "open() the feed first"
+        async with anyio.create_task_group() as tasks:
+            if self._interval is not None:
+                tasks.start_soon(self._send_progress, send, float(self._interval))
+            await self._send_events(send, self._subscription)
+            tasks.cancel_scope.cancel()
+
+    async def _send_events(
+        self, send: Callable[[dict[str, Any]], Awaitable[None]], subscription: Subscription
+    ) -> None:
+        # Every unacknowledged completion and failure first, then live events.
+        backlog: set[str] = set()
+        records = await self._persistence.snapshot()
+        for record in sorted(records.values(), key=lambda r: r.created_at):
+            if record.status is DownloadStatus.COMPLETED:
+                await send(_event(completed_event(record, self._bus.next_seq())))
+            elif record.status is DownloadStatus.FAILED:
+                await send(_event(failed_event(record, self._bus.next_seq())))
+            else:
+                continue
+            backlog.add(record.task_id)
+        async for event in subscription.events:
+            if (
+                isinstance(event, DownloadCompletedEvent | DownloadFailedEvent)
+                and event.task_id in backlog
+            ):
+                continue  # sent already, from the state file
+            await send(_event(event))
+
+    async def _send_progress(
+        self, send: Callable[[dict[str, Any]], Awaitable[None]], interval: float
+    ) -> None:
+        while True:
+            await anyio.sleep(interval)
+            with contextlib.suppress(DlkeeperError):
+                for status in await self._session.status():
+                    if status.finished or status.paused:
+                        continue
+                    event = DownloadProgressEvent(
+                        seq=self._bus.next_seq(),
+                        task_id=status.task_id,
+                        progress=status.progress,
+                        download_rate=status.download_rate,
+                        num_peers=status.num_peers,
+                    )
+                    await send(_event(event))
+
+
+def _event(event: Message) -> dict[str, Any]:
+    return event.model_dump(mode="json")
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,7 @@ async def run_daemon(config: Config) -> None:
                 await actors.start(MonitorActor(persistence, events, bus))
                 # 5. Open the socket, then tell systemd we are ready.
                 service = ApiService(config, persistence, session, bus)
-                server = ApiServer(service, bus, persistence, session)
+                server = ApiServer(service)
                 async with anyio.create_task_group() as serving:
                     await serving.start(server.serve, config.socket)
                     systemd.notify("READY=1")

@@ -17,12 +17,9 @@ from pathlib import Path
 import anyio
 
 from actors.errors import ConfigError, StateLocked, first_dlkeeper_error
+from actors.messages.wire import MAX_PROGRESS_INTERVAL, MIN_PROGRESS_INTERVAL
 from supervisor import __version__, exits
 from supervisor.config import PathFlags, load_config
-
-# The contract's bounds of a subscription's progress_interval.
-MIN_INTERVAL = 0.05
-MAX_INTERVAL = 86400.0
 
 
 def add_path_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +59,9 @@ def _interval(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (MIN_INTERVAL <= value <= MAX_INTERVAL) or math.isnan(value):
+    if not (MIN_PROGRESS_INTERVAL <= value <= MAX_PROGRESS_INTERVAL) or math.isnan(value):
         raise argparse.ArgumentTypeError(
-            f"must be {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds, got {text}"
+            f"must be {MIN_PROGRESS_INTERVAL:g} to {MAX_PROGRESS_INTERVAL:g} seconds, got {text}"
         )
     return value
 

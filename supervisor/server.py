@@ -21,15 +21,8 @@ import orjson
 from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from actors.bus import EventBus, Subscription
-from actors.downloads import completed_event, failed_event
 from actors.errors import BadRequest, ConfigError, DlkeeperError, TooLarge, error_body
-from actors.messages.base import Message
-from actors.messages.wire import DownloadCompletedEvent, DownloadFailedEvent, DownloadProgressEvent
-from actors.persistence import Persistence
-from actors.session import Session
-from actors.state import DownloadStatus
-from supervisor.api import ApiService
+from supervisor.api import ApiService, EventFeed
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +63,11 @@ def open_socket(path: Path) -> socket.socket:
 
 
 class ApiServer:
-    """Accepts connections and serves each until it closes."""
+    """Accepts connections and serves each until it closes: it carries lines and events, and
+    the `ApiService` decides what they mean."""
 
-    def __init__(
-        self,
-        service: ApiService,
-        bus: EventBus,
-        persistence: Persistence,
-        session: Session,
-    ) -> None:
+    def __init__(self, service: ApiService) -> None:
         self._service = service
-        self._bus = bus
-        self._persistence = persistence
-        self._session = session
 
     async def serve(self, path: Path, *, task_status: TaskStatus[None]) -> None:
         """Listens at `path` (started once listening) until cancelled; removes the socket."""
@@ -151,73 +136,23 @@ class ApiServer:
             await connection.send(_error_reply(request_id, error))
 
     def _subscribe(self, connection: _Connection, params: dict[str, Any]) -> None:
-        """Registers the connection's subscription; its events start after the `ok`."""
-        interval = params.pop("progress_interval", None)
-        if params:
-            raise BadRequest(f"subscribe has no parameter {sorted(params)[0]!r}")
-        if interval is not None and (
-            isinstance(interval, bool)
-            or not isinstance(interval, int | float)
-            or not 0.05 <= interval <= 86400
-        ):
-            raise BadRequest("progress_interval: a number of seconds from 0.05 to 86400")
-        if connection.subscription is not None:
+        """Takes the connection's event feed from the service; its events follow the `ok`."""
+        feed = self._service.subscribe(params)
+        if connection.feed is not None:
             raise BadRequest("this connection is already subscribed")
-        subscription = self._bus.subscribe()  # now, so that no live event falls in a gap
-        connection.subscription = subscription
-        connection.tasks.start_soon(self._stream, connection, subscription, interval)
+        feed.open()  # now, so that no live event falls in a gap before the `ok`
+        connection.feed = feed
+        connection.tasks.start_soon(self._stream, connection, feed)
 
-    async def _stream(
-        self, connection: _Connection, subscription: Subscription, interval: float | None
-    ) -> None:
+    async def _stream(self, connection: _Connection, feed: EventFeed) -> None:
         await connection.subscribed.wait()  # the `ok` goes out before the first event
         try:
-            async with anyio.create_task_group() as tasks:
-                if interval is not None:
-                    tasks.start_soon(self._send_progress, connection, float(interval))
-                await self._send_events(connection, subscription)
-                tasks.cancel_scope.cancel()
+            await feed.run(connection.send)
         finally:
-            self._bus.unsubscribe(subscription)
-
-    async def _send_events(self, connection: _Connection, subscription: Subscription) -> None:
-        # Every unacknowledged completion and failure first, then live events.
-        backlog: set[str] = set()
-        records = await self._persistence.snapshot()
-        for record in sorted(records.values(), key=lambda r: r.created_at):
-            if record.status is DownloadStatus.COMPLETED:
-                await connection.send(_event(completed_event(record, self._bus.next_seq())))
-            elif record.status is DownloadStatus.FAILED:
-                await connection.send(_event(failed_event(record, self._bus.next_seq())))
-            else:
-                continue
-            backlog.add(record.task_id)
-        async for event in subscription.events:
-            if (
-                isinstance(event, DownloadCompletedEvent | DownloadFailedEvent)
-                and event.task_id in backlog
-            ):
-                continue  # sent already, from the state file
-            await connection.send(_event(event))
-        if subscription.overflowed:
+            feed.close()
+        if feed.overflowed:
             log.warning("closing a connection whose subscriber fell behind")
             await connection.close()
-
-    async def _send_progress(self, connection: _Connection, interval: float) -> None:
-        while True:
-            await anyio.sleep(interval)
-            with contextlib.suppress(DlkeeperError):
-                for status in await self._session.status():
-                    if status.finished or status.paused:
-                        continue
-                    event = DownloadProgressEvent(
-                        seq=self._bus.next_seq(),
-                        task_id=status.task_id,
-                        progress=status.progress,
-                        download_rate=status.download_rate,
-                        num_peers=status.num_peers,
-                    )
-                    await connection.send(_event(event))
 
 
 class _Connection:
@@ -226,7 +161,7 @@ class _Connection:
     def __init__(self, stream: SocketStream) -> None:
         self.stream = stream
         self.tasks: TaskGroup
-        self.subscription: Subscription | None = None
+        self.feed: EventFeed | None = None
         self.subscribed = anyio.Event()
         self._in_progress = 0
         self._done = anyio.Event()
@@ -300,7 +235,3 @@ def _request_id(request: dict[str, Any]) -> int | str | None:
 
 def _error_reply(request_id: Any, error: BaseException) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": error_body(error)}
-
-
-def _event(event: Message) -> dict[str, Any]:
-    return event.model_dump(mode="json")

@@ -13,6 +13,9 @@ from pydantic import AwareDatetime, Field, TypeAdapter
 from actors.messages.base import Message
 
 RequestId = int | str
+# The bounds of a subscription's `progress_interval`, in seconds.
+MIN_PROGRESS_INTERVAL = 0.05
+MAX_PROGRESS_INTERVAL = 86400.0
 LiveStatus = Literal[
     "queued", "checking", "fetching_metadata", "downloading", "paused", "completed", "failed"
 ]
