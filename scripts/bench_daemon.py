@@ -101,7 +101,7 @@ from benchlib import time_command as _time_command
 from benchseeder import Sample, latency_payloads, seeder_view, seeding_all, through_bare_session
 
 from actors.metainfo import bencode
-from tests.daemons import write_config
+from tests.daemons import layout_of, write_config
 from tests.swarm import LOOPBACK_SETTINGS, Seeder
 from tests.torrents import Payload
 
@@ -259,10 +259,10 @@ class Workspace:
         return config, socket_path
 
     def state_file(self, name: str) -> Path:
-        return self.root / name / "library" / "data" / "downloads.json"
+        return layout_of(self.library(name)[0]).state_file
 
     def torrents_dir(self, name: str) -> Path:
-        return self.root / name / "library" / "downloads" / "torrents"
+        return layout_of(self.library(name)[0]).torrents_dir
 
 
 # --- a raw JSON-lines client ---------------------------------------------------------------------

@@ -78,24 +78,12 @@ from actors.persistence import Persistence, PersistenceActor
 from actors.session import Session, SessionActor, SessionOptions
 from actors.state import DownloadRecord, DownloadStatus, MigrationContext
 from actors.statefile import StateStore
+from supervisor.loopback import LOOPBACK_SETTINGS  # imports nothing: no libtorrent here
 
 GOAL = 1.0  # seconds for the replay, worker start included
 PIECE = 16 * 1024
 STARTS = 5  # repetitions of each process-start measurement
 DEADLINE = 120.0
-
-# tests.swarm.LOOPBACK_SETTINGS, copied: importing tests.swarm would load libtorrent into this
-# process, whose memory is measured as the daemon's parent's.
-LOOPBACK_SETTINGS: dict[str, str | int | bool] = {
-    "listen_interfaces": "127.0.0.1:0",
-    "enable_dht": False,
-    "enable_lsd": False,
-    "enable_upnp": False,
-    "enable_natpmp": False,
-    "enable_incoming_utp": False,
-    "enable_outgoing_utp": False,
-    "allow_multiple_connections_per_ip": True,
-}
 
 
 # --- the library ---------------------------------------------------------------------------------

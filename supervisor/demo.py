@@ -43,6 +43,7 @@ from supervisor.client import (
     DownloadInfo,
     DownloadProgressEvent,
 )
+from supervisor.loopback import LOOPBACK_SETTINGS
 
 if TYPE_CHECKING:
     from anyio.abc import Process, UNIXDatagramSocket
@@ -63,19 +64,6 @@ PROGRESS_INTERVAL = 0.2  # seconds between the daemon's progress events
 STEP_TIMEOUT = 30.0  # no step of the demo takes longer on a healthy machine
 STOP_TIMEOUT = 15.0  # a clean stop: resume data (shutdown_timeout 5 s) and the state flush
 MAX_SOCKET_PATH = 100  # a Unix socket path is at most 107 bytes; keep a margin
-
-# The daemon and the seeder see each other on 127.0.0.1 only (the seeder uses the same settings).
-LOOPBACK_SETTINGS: dict[str, str | int | bool] = {
-    "listen_interfaces": "127.0.0.1:0",
-    "enable_dht": False,
-    "enable_lsd": False,
-    "enable_upnp": False,
-    "enable_natpmp": False,
-    # uTP on loopback is about a tenth of TCP's speed.
-    "enable_incoming_utp": False,
-    "enable_outgoing_utp": False,
-    "allow_multiple_connections_per_ip": True,
-}
 
 # What the daemon logs when it cannot use a download's resume data, and so checks its files.
 RESUME_PROBLEMS = (

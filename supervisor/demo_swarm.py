@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import libtorrent as lt
 
-from supervisor.demo import LOOPBACK_SETTINGS
+from supervisor.loopback import LOOPBACK_SETTINGS
 
 MiB = 1024 * 1024
 NAME = "Big Buck Demo (2026)"

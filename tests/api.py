@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import libtorrent as lt
 import pytest
 
+from actors.layout import Layout
 from tests.daemons import Daemon, RawClient, running_daemon, write_config
 from tests.swarm import Seeder, seeding
 from tests.torrents import Payload, make_payload
@@ -87,16 +88,20 @@ class Library:
     config: Path
 
     @property
+    def layout(self) -> Layout:
+        return Layout(library_path=self.root, download_path=self.root / "downloads")
+
+    @property
     def downloads(self) -> Path:
-        return self.root / "downloads"
+        return self.layout.download_path
 
     @property
     def torrents(self) -> Path:
-        return self.downloads / "torrents"
+        return self.layout.torrents_dir
 
     @property
     def state_file(self) -> Path:
-        return self.root / "data" / "downloads.json"
+        return self.layout.state_file
 
     def state(self) -> dict[str, Any]:
         """The persisted downloads by task_id, as the file holds them now."""

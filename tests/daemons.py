@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from actors.layout import Layout
+from supervisor.config import PathFlags, load_config
 from tests.swarm import LOOPBACK_SETTINGS
 
 DEADLINE = 30.0
@@ -49,6 +51,11 @@ def write_config(
     path = directory / "dlkeeper.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def layout_of(config: Path) -> Layout:
+    """Where a daemon started with `config` keeps its state and its .torrent copies."""
+    return load_config(PathFlags(config=config), environ={}).layout
 
 
 def socket_of(config: Path) -> Path:

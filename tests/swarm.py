@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import libtorrent as lt
 
-from supervisor.demo import LOOPBACK_SETTINGS
+from supervisor.loopback import LOOPBACK_SETTINGS
 from tests.torrents import Payload
 
 # The demo's loopback-only settings also go into the daemon's [libtorrent] table in tests.

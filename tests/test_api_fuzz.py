@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.daemons import Daemon, RawClient, running_daemon, write_config
+from tests.daemons import Daemon, RawClient, layout_of, running_daemon, write_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -86,7 +86,7 @@ def client(daemon: Daemon) -> Iterator[RawClient]:
 
 
 def state_bytes(daemon: Daemon) -> bytes | None:
-    path = Path(daemon.config).parent.parent / "library" / "data" / "downloads.json"
+    path = layout_of(Path(daemon.config)).state_file
     return path.read_bytes() if path.exists() else None
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from actors.layout import Layout
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,3 +83,11 @@ def test_one_shot_commands_load_neither_the_daemon_nor_libtorrent(statement: str
     assert loaded & daemon == set()
     assert "libtorrent" not in loaded
     assert not any(module.startswith("actors.session") for module in loaded)
+
+
+def test_the_layout_is_the_contracts() -> None:
+    # CONTRACT.md section 3, spelled out once: everything else asks actors.layout.
+    layout = Layout(Path("/srv/media"), Path("/mnt/usb/downloads"))
+    assert layout.state_file == Path("/srv/media/data/downloads.json")
+    assert layout.torrent_path("a-1") == Path("/mnt/usb/downloads/torrents/a-1.torrent")
+    assert layout.resume_path("a-1") == Path("/mnt/usb/downloads/torrents/a-1.fastresume")

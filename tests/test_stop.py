@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import DEADLINE, Daemon, running_daemon, write_config
+from tests.daemons import DEADLINE, Daemon, layout_of, running_daemon, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +40,7 @@ def test_clean_stop_exits_0_removes_the_socket_and_keeps_the_state(tmp_path: Pat
         while Path(f"/proc/{worker}").exists():  # the worker exits with the daemon
             assert time.monotonic() < deadline, "the worker outlived the daemon"
             time.sleep(0.05)
-    state = json.loads((tmp_path / "library" / "data" / "downloads.json").read_bytes())
+    state = json.loads(layout_of(config).state_file.read_bytes())
     assert list(state["downloads"]) == ["kept"]
 
 
@@ -68,5 +68,5 @@ def test_a_second_sigterm_while_stopping_exits_at_once_and_corrupts_nothing(
         if worker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
-    state = json.loads((tmp_path / "library" / "data" / "downloads.json").read_bytes())
+    state = json.loads(layout_of(config).state_file.read_bytes())
     assert list(state["downloads"]) == ["safe"]
