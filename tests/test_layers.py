@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,17 @@ def test_the_layout_is_the_contracts() -> None:
     assert layout.state_file == Path("/srv/media/data/downloads.json")
     assert layout.torrent_path("a-1") == Path("/mnt/usb/downloads/torrents/a-1.torrent")
     assert layout.resume_path("a-1") == Path("/mnt/usb/downloads/torrents/a-1.fastresume")
+
+
+def test_every_package_is_installed() -> None:
+    # setuptools installs the packages it is told of, not their subpackages: a package left out
+    # works in an editable install (the tests) and is missing from `pip install .` (the demo).
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("actors", "supervisor")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found <= listed
