@@ -275,6 +275,37 @@ async def actor_group(stop_timeout: float = 10.0) -> AsyncIterator[ActorGroup]:
                 task_group.cancel_scope.cancel()
 
 
+@dataclass
+class _KeyedEntry:
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    users: int = 0
+
+
+class KeyedLock:
+    """A lock per key, made when first needed and dropped when nobody holds or awaits it:
+    `hold(key)` runs its block after every earlier holder of the same key, in the order they
+    came (anyio's locks are fair), while other keys go on at the same time."""
+
+    def __init__(self) -> None:
+        self._entries: dict[object, _KeyedEntry] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: object) -> AsyncIterator[None]:
+        entry = self._entries.setdefault(key, _KeyedEntry())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        """How many keys are held or awaited now."""
+        return len(self._entries)
+
+
 def expect(reply: object, kind: type[T]) -> T:
     """`reply` as a `kind`; an actor answering with anything else is a bug in dlkeeper."""
     if not isinstance(reply, kind):

@@ -132,6 +132,7 @@ class SessionActor(Actor[SessionCommand]):
         self._worker_changed = anyio.Event()
         self._replayed = anyio.Event()
         self._forgotten: set[str] = set()  # stopped: late files from the worker are dropped
+        self._unsynced: set[str] = set()  # changes saved that met no ready worker
         self._restarts = 0
         self._stopping = False
         self._last_heartbeat = 0.0
@@ -221,7 +222,7 @@ class SessionActor(Actor[SessionCommand]):
             self._worker_events_send.send_nowait(
                 WorkerRestarted(restarts=self._restarts, reason=self._last_failure)
             )
-        if not await self._replay(worker):
+        if not await self._replay(worker) or not await self._resync(worker):
             return f"died during the replay ({worker.exit_reason})", False
         self._last_heartbeat = time.monotonic()  # it has just answered every replayed add
         self._set_worker_ready(True)
@@ -294,6 +295,45 @@ class SessionActor(Actor[SessionCommand]):
             self._resume_failures += failures
             self._replayed.set()
         return True
+
+    async def _resync(self, worker: WorkerProcess) -> bool:
+        """Brings the downloads whose changes met no ready worker (`NotReady`) to their saved
+        state in `worker`, before it serves: a change saved after the replay's snapshot is
+        applied too. False when the worker died meanwhile (they stay to be synced)."""
+        while self._unsynced:
+            task_id = self._unsynced.pop()
+            try:
+                await self._sync(worker, task_id)
+            except WorkerGone:
+                self._unsynced.add(task_id)
+                return False
+            except DlkeeperError as exc:
+                log.error("download %s: cannot apply its saved state: %s", task_id, exc)
+        return True
+
+    async def _sync(self, worker: WorkerProcess, task_id: str) -> None:
+        try:
+            record: DownloadRecord | None = await self._persistence.get(task_id)
+        except NotFound:
+            record = None
+        if record is None:  # cancelled or acked: out of libtorrent, files included
+            await self._remove(worker, RemoveDownload(task_id=task_id))
+            return
+        if record.status not in ACTIVE_STATUSES:
+            return
+        await self._add(worker, record, await anyio.to_thread.run_sync(self._read_source, record))
+        # Present already, the add changed nothing: the saved pause state and priorities now.
+        timeout = self._options.request_timeout
+        toggle = PauseTorrent if record.status is DownloadStatus.PAUSED else ResumeTorrent
+        await worker.request(lambda i: toggle(id=i, task_id=task_id), timeout, DoneReply)
+        if record.file_priorities:
+            await worker.request(
+                lambda i: SetTorrentFiles(
+                    id=i, task_id=task_id, file_priorities=record.file_priorities
+                ),
+                timeout,
+                FilePrioritiesReply,
+            )
 
     def _read_sources(self, records: list[DownloadRecord]) -> dict[str, _Sources]:
         return {record.task_id: self._read_source(record) for record in records}
@@ -437,11 +477,19 @@ class SessionActor(Actor[SessionCommand]):
             )
         # Every command is safe to repeat (a retried add answers like the first), so one that
         # met a dying worker is sent again to the next one; the replay restored the rest.
-        worker = await self._ready_worker()
         try:
-            return await self._execute_on(worker, command)
-        except WorkerGone:
-            return await self._execute_on(await self._ready_worker(replacing=worker), command)
+            worker = await self._ready_worker()
+            try:
+                return await self._execute_on(worker, command)
+            except WorkerGone:
+                return await self._execute_on(await self._ready_worker(replacing=worker), command)
+        except NotReady:
+            # A saved change the next worker's replay may have read too early: it is applied
+            # from the saved state before that worker serves (see _resync).
+            task_id = _task_of(command)
+            if task_id is not None:
+                self._unsynced.add(task_id)
+            raise
 
     async def _execute_on(self, worker: WorkerProcess, command: SessionCommand) -> Message:
         timeout = self._options.request_timeout
@@ -584,6 +632,15 @@ async def resolve_peers(peers: tuple[str, ...]) -> tuple[str, ...]:
         else:
             resolved.append(peer)
     return tuple(resolved)
+
+
+def _task_of(command: SessionCommand) -> str | None:
+    """The download a command changes, if it changes one."""
+    if isinstance(command, AddDownload):
+        return command.record.task_id
+    if isinstance(command, PauseDownload | ResumeDownload | RemoveDownload | SetDownloadFiles):
+        return command.task_id
+    return None
 
 
 def _reason(exc: BaseException) -> str:

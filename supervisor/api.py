@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ from actors.errors import (
     PathNotAllowed,
     UnknownOp,
 )
+from actors.mailbox import KeyedLock
 from actors.messages.base import Message
 from actors.messages.persistence import AddRecordReply, RecordChanges
 from actors.messages.wire import (
@@ -130,8 +131,7 @@ class ApiService:
         self._bus = bus
         self._started = time.monotonic()
         self._download_root = config.download_path.resolve()  # resolved once, not per add
-        # The task_ids of .torrent adds between the claim of their copy's name and their save.
-        self._adding_torrents: set[str] = set()
+        self._changes = KeyedLock()  # one change of a download at a time, in arrival order
         self._ops: dict[str, tuple[type[Params], Callable[[Any], Awaitable[Message]]]] = {
             "ping": (NoParams, self.ping),
             "add": (AddParams, self.add),
@@ -181,8 +181,6 @@ class ApiService:
         for peer in peers:
             if not _PEER.match(peer) or not 0 < int(peer.rpartition(":")[2]) < 65536:
                 raise BadRequest(f"peers: {peer!r} is not host:port")
-        if task_id in self._adding_torrents:
-            raise Duplicate(f"task_id {task_id} is being added right now", task_id)
         record = DownloadRecord(
             task_id=task_id,
             name=params.name or source.name,
@@ -197,23 +195,28 @@ class ApiService:
             torrent_metadata=params.torrent_metadata or {},
             validation_metadata=params.validation_metadata or {},
         )
-        if source.torrent is None:
-            added = await self._persistence.add(record)  # checked for duplicates there
-        else:
-            added = await self._add_with_torrent(record, source.torrent)
-        if added.existed:  # a retried add: the download it made
-            info = await self._info(added.record)
-            return AddResult(task_id=task_id, info_hash=source.info_hash, status=info.status)
-        record = added.record
-        await self._start(record, source.torrent)
-        self._bus.publish(lambda seq: DownloadAddedEvent(seq=seq, task_id=task_id))
-        return AddResult(task_id=task_id, info_hash=source.info_hash, status=record.status.value)
+        async with self._changing(task_id):
+            if source.torrent is None:
+                added = await self._persistence.add(record)  # checked for duplicates there
+            else:
+                added = await self._add_with_torrent(record, source.torrent)
+            if added.existed:  # a retried add: the download it made, in libtorrent as saved
+                if added.record.status in ACTIVE_STATUSES:
+                    await self._session.add(added.record)  # the first may never have got there
+                info = await self._info(added.record)
+                return AddResult(task_id=task_id, info_hash=source.info_hash, status=info.status)
+            record = added.record
+            await self._start(record, source.torrent)
+            self._bus.publish(lambda seq: DownloadAddedEvent(seq=seq, task_id=task_id))
+            return AddResult(
+                task_id=task_id, info_hash=source.info_hash, status=record.status.value
+            )
 
     async def _add_with_torrent(self, record: DownloadRecord, torrent: bytes) -> AddRecordReply:
         """Keeps the .torrent copy, then saves the record that names it (never the other way
-        round: a saved download always has its copy). The copy is named by the task_id, so
-        the task_id is claimed first: no other add can write that name meanwhile, and a saved
-        download's copy is never overwritten."""
+        round: a saved download always has its copy). The copy is named by the task_id, and
+        the caller holds the task_id's change lock: no other add, cancel or ack of it runs
+        meanwhile, so a saved download's copy is never overwritten nor deleted."""
         task_id = record.task_id
         try:
             existing: DownloadRecord | None = await self._persistence.get(task_id)
@@ -225,20 +228,14 @@ class ApiService:
                     f"task_id {task_id} is already the torrent {existing.info_hash}", task_id
                 )
             return AddRecordReply(record=existing, existed=True)
-        if task_id in self._adding_torrents:  # checked again: the get above awaited
-            raise Duplicate(f"task_id {task_id} is being added right now", task_id)
-        self._adding_torrents.add(task_id)
+        path = self._torrent_path(task_id)
+        await anyio.to_thread.run_sync(_keep_torrent, path, torrent)
         try:
-            path = self._torrent_path(task_id)
-            await anyio.to_thread.run_sync(_keep_torrent, path, torrent)
-            try:
-                return await self._persistence.add(record)
-            except Duplicate:
-                # The torrent is another download's: the copy just written is nobody's.
-                await anyio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
-                raise
-        finally:
-            self._adding_torrents.discard(task_id)
+            return await self._persistence.add(record)
+        except Duplicate:
+            # The torrent is another download's: the copy just written is nobody's.
+            await anyio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
+            raise
 
     async def get(self, params: TaskParams) -> DownloadInfo:
         return await self._info(await self._persistence.get(params.task_id))
@@ -251,54 +248,70 @@ class ApiService:
         return ListResult(downloads=tuple(infos))
 
     async def pause(self, params: TaskParams) -> DownloadInfo:
-        record = await self._active(params.task_id, "paused")
-        if record.status is not DownloadStatus.PAUSED:
-            changes = RecordChanges(status=DownloadStatus.PAUSED)
-            record = await self._persistence.update(
-                params.task_id, changes, if_status=ACTIVE_STATUSES
-            )
-            await self._tell_session(self._session.pause(params.task_id))
-            self._bus.publish(lambda seq: DownloadPausedEvent(seq=seq, task_id=params.task_id))
-        return await self._info(record)
+        task_id = params.task_id
+        async with self._changing(task_id):
+            record = await self._active(task_id, "paused")
+            if record.status is not DownloadStatus.PAUSED:
+                changes = RecordChanges(status=DownloadStatus.PAUSED)
+                record = await self._persistence.update(task_id, changes, if_status=ACTIVE_STATUSES)
+                self._bus.publish(lambda seq: DownloadPausedEvent(seq=seq, task_id=task_id))
+            # Also when it was paused already: a pause saved but never applied is applied now.
+            await self._apply(record, self._session.pause(task_id))
+            return await self._info(record)
 
     async def resume(self, params: TaskParams) -> DownloadInfo:
-        record = await self._active(params.task_id, "resumed")
-        if record.status is DownloadStatus.PAUSED:
-            changes = RecordChanges(status=DownloadStatus.QUEUED)
-            record = await self._persistence.update(
-                params.task_id, changes, if_status={DownloadStatus.PAUSED}
-            )
-            await self._tell_session(self._session.resume(params.task_id))
-            self._bus.publish(lambda seq: DownloadResumedEvent(seq=seq, task_id=params.task_id))
-        return await self._info(record)
+        task_id = params.task_id
+        async with self._changing(task_id):
+            record = await self._active(task_id, "resumed")
+            if record.status is DownloadStatus.PAUSED:
+                changes = RecordChanges(status=DownloadStatus.QUEUED)
+                record = await self._persistence.update(
+                    task_id, changes, if_status={DownloadStatus.PAUSED}
+                )
+                self._bus.publish(lambda seq: DownloadResumedEvent(seq=seq, task_id=task_id))
+            await self._apply(record, self._session.resume(task_id))
+            return await self._info(record)
 
     async def cancel(self, params: CancelParams) -> EmptyResult:
-        await self._persistence.remove(params.task_id)
-        await self._tell_session(
-            self._session.remove(params.task_id, delete_files=params.delete_files)
-        )
-        self._bus.publish(lambda seq: DownloadRemovedEvent(seq=seq, task_id=params.task_id))
-        return EmptyResult()
+        task_id = params.task_id
+        async with self._changing(task_id):
+            try:
+                await self._persistence.remove(task_id)
+            except NotFound:
+                # Perhaps a cancel saved whose removal from libtorrent never happened: do it.
+                await self._session.remove(task_id, delete_files=params.delete_files)
+                raise
+            self._bus.publish(lambda seq: DownloadRemovedEvent(seq=seq, task_id=task_id))
+            await self._session.remove(task_id, delete_files=params.delete_files)
+            return EmptyResult()
 
     async def set_files(self, params: SetFilesParams) -> DownloadInfo:
-        record = await self._active(params.task_id, "changed")
-        info = await self._info(record)
-        priorities = tuple(params.file_priorities)
-        if info.files and len(priorities) != len(info.files):
-            raise BadRequest(
-                f"file_priorities has {len(priorities)} entries; "
-                f"the torrent has {len(info.files)} files"
+        task_id = params.task_id
+        async with self._changing(task_id):
+            record = await self._active(task_id, "changed")
+            info = await self._info(record)
+            priorities = tuple(params.file_priorities)
+            if info.files and len(priorities) != len(info.files):
+                raise BadRequest(
+                    f"file_priorities has {len(priorities)} entries; "
+                    f"the torrent has {len(info.files)} files"
+                )
+            record = await self._persistence.update(
+                task_id, RecordChanges(file_priorities=priorities)
             )
-        record = await self._persistence.update(
-            params.task_id, RecordChanges(file_priorities=priorities)
-        )
-        await self._tell_session(self._session.set_files(params.task_id, priorities))
-        return await self._info(record)
+            await self._apply(record, self._session.set_files(task_id, priorities))
+            return await self._info(record)
 
     async def ack(self, params: TaskParams) -> EmptyResult:
-        await self._persistence.ack(params.task_id)
-        await self._tell_session(self._session.remove(params.task_id))
-        return EmptyResult()
+        task_id = params.task_id
+        async with self._changing(task_id):
+            try:
+                await self._persistence.ack(task_id)
+            except NotFound:
+                await self._session.remove(task_id)  # an ack saved but never applied
+                raise
+            await self._session.remove(task_id)
+            return EmptyResult()
 
     def subscribe(self, params: dict[str, Any]) -> EventFeed:
         """The events for one subscriber, once `open()`ed: every unacknowledged completion and
@@ -372,21 +385,35 @@ class ApiService:
             raise PathNotAllowed(f"save_path {requested} is not inside {root}")
         return resolved
 
+    @contextlib.asynccontextmanager
+    async def _changing(self, task_id: str) -> AsyncIterator[None]:
+        """Runs one change of a download: after every change of it that arrived before, so
+        libtorrent gets them in the order they were saved; to its end even if the client goes
+        away (a change saved and not applied would leave the state file and libtorrent apart)."""
+        with anyio.CancelScope(shield=True):
+            async with self._changes.hold(task_id):
+                yield
+
     async def _start(self, record: DownloadRecord, torrent: bytes | None) -> None:
         try:
             await self._session.add(record, fresh=True, torrent=torrent)
         except NotReady:
-            pass  # saved: the replay into the next worker adds it
+            raise  # saved: the next worker gets it (a retried add answers once it has)
         except DlkeeperError:
             # libtorrent refused what our own checks let through: undo the add.
-            await self._persistence.remove(record.task_id)
+            with contextlib.suppress(NotFound):
+                await self._persistence.remove(record.task_id)
             raise
 
-    async def _tell_session(self, change: Awaitable[None]) -> None:
-        """Applies a saved change to libtorrent; when the worker is restarting, the replay
-        applies it instead (it reads the saved state)."""
-        with contextlib.suppress(NotReady, NotFound):
+    async def _apply(self, record: DownloadRecord, change: Awaitable[None]) -> None:
+        """Applies a saved change to libtorrent. A download libtorrent does not have (its add
+        was saved and never applied) is added as saved, which applies the change too. When
+        the worker is restarting this raises `NotReady`: the session applies the saved state
+        once the next worker is up, and the request may be retried."""
+        try:
             await change
+        except NotFound:
+            await self._session.add(record)
 
     async def _active(self, task_id: str, verb: str) -> DownloadRecord:
         record = await self._persistence.get(task_id)

@@ -6,6 +6,7 @@ message until the test opens it, so the tests synchronise on events, never on sl
 
 from __future__ import annotations
 
+import functools
 import traceback
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from actors.mailbox import (
     Actor,
     ActorRef,
     Envelope,
+    KeyedLock,
     Reply,
     actor_group,
     expect,
@@ -692,3 +694,31 @@ def test_expect_returns_a_reply_of_the_expected_type() -> None:
 def test_expect_raises_dlkeeper_error_for_a_reply_of_another_type() -> None:
     with pytest.raises(DlkeeperError, match="expected a str, got int"):
         expect(42, str)
+
+
+async def test_keyed_lock_runs_holders_of_one_key_in_arrival_order_and_others_meanwhile() -> None:
+    locks = KeyedLock()
+    order: list[str] = []
+    gate = anyio.Event()
+
+    async def hold(key: str, name: str, *, wait: bool = False) -> None:
+        async with locks.hold(key):
+            order.append(f"{name} in")
+            if wait:
+                await gate.wait()
+            order.append(f"{name} out")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(functools.partial(hold, "a", "first", wait=True))
+            await anyio.wait_all_tasks_blocked()
+            for name in ("second", "third"):
+                tasks.start_soon(hold, "a", name)
+                await anyio.wait_all_tasks_blocked()
+            tasks.start_soon(hold, "b", "other")  # another key does not wait for "a"
+            await anyio.wait_all_tasks_blocked()
+            assert order == ["first in", "other in", "other out"]
+            assert len(locks) == 1
+            gate.set()
+    assert order[3:] == ["first out", "second in", "second out", "third in", "third out"]
+    assert len(locks) == 0  # nothing kept for keys nobody holds
