@@ -168,8 +168,30 @@ class ApiService:
         return PingResult(version=__version__, ready=True)
 
     async def add(self, params: AddParams) -> AddResult:
-        source = await self._source(params)
         task_id = params.task_id or uuid.uuid4().hex[:16]
+        # The lock first, before any await: requests for one download take effect in the
+        # order they arrived, so an add and the cancel pipelined behind it are done in turn.
+        async with self._changing(task_id):
+            record, source = await self._new_record(task_id, params)
+            if source.torrent is None:
+                added = await self._persistence.add(record)  # checked for duplicates there
+            else:
+                added = await self._add_with_torrent(record, source.torrent)
+            if added.existed:  # a retried add: the download it made, in libtorrent as saved
+                if added.record.status in ACTIVE_STATUSES:
+                    await self._session.add(added.record)  # the first may never have got there
+                info = await self._info(added.record)
+                return AddResult(task_id=task_id, info_hash=source.info_hash, status=info.status)
+            record = added.record
+            await self._start(record, source.torrent)
+            self._bus.publish(lambda seq: DownloadAddedEvent(seq=seq, task_id=task_id))
+            return AddResult(
+                task_id=task_id, info_hash=source.info_hash, status=record.status.value
+            )
+
+    async def _new_record(self, task_id: str, params: AddParams) -> tuple[DownloadRecord, _Source]:
+        """The download an add asks for, checked; raises the contract's errors."""
+        source = await self._source(params)
         save_path = self._save_path(params.save_path)
         priorities = tuple(params.file_priorities or ())
         if source.files is not None and priorities and len(priorities) != len(source.files):
@@ -195,22 +217,7 @@ class ApiService:
             torrent_metadata=params.torrent_metadata or {},
             validation_metadata=params.validation_metadata or {},
         )
-        async with self._changing(task_id):
-            if source.torrent is None:
-                added = await self._persistence.add(record)  # checked for duplicates there
-            else:
-                added = await self._add_with_torrent(record, source.torrent)
-            if added.existed:  # a retried add: the download it made, in libtorrent as saved
-                if added.record.status in ACTIVE_STATUSES:
-                    await self._session.add(added.record)  # the first may never have got there
-                info = await self._info(added.record)
-                return AddResult(task_id=task_id, info_hash=source.info_hash, status=info.status)
-            record = added.record
-            await self._start(record, source.torrent)
-            self._bus.publish(lambda seq: DownloadAddedEvent(seq=seq, task_id=task_id))
-            return AddResult(
-                task_id=task_id, info_hash=source.info_hash, status=record.status.value
-            )
+        return record, source
 
     async def _add_with_torrent(self, record: DownloadRecord, torrent: bytes) -> AddRecordReply:
         """Keeps the .torrent copy, then saves the record that names it (never the other way
