@@ -3,13 +3,19 @@
 Every request runs in its own task, so many may be in flight on one connection and a slow one
 never holds up the others; replies go out in the order they are ready. A line over 8 MiB is
 answered `too_large` and the connection closed, having read no more than 8 MiB of it.
+
+The server holds at most `connection_cap()` connections, so that idle clients can never take the
+descriptors the state file needs; one more is answered `not_ready` and closed. A failed
+`accept()` is retried after a short pause, never the end of the server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import resource
 import socket
 import stat
 from collections.abc import Awaitable, Callable
@@ -18,10 +24,10 @@ from typing import Any
 
 import anyio
 import orjson
-from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from actors.errors import BadRequest, ConfigError, DlkeeperError, TooLarge, error_body
+from actors.errors import BadRequest, ConfigError, DlkeeperError, NotReady, TooLarge, error_body
 from supervisor.api import ApiService, EventFeed
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,18 @@ SOCKET_MODE = 0o660
 MAX_IN_FLIGHT = 256
 # Replies still being worked on when a client closes its side get this long to go out.
 DRAIN_TIMEOUT = 5.0
+# Descriptors left free beyond the connections: the state file's writes (temporary file,
+# folder), a restarted worker's pipes, .torrent reads, systemd notices, refusals.
+DESCRIPTOR_RESERVE = 64
+# However many descriptors there are: a bot needs a few connections, and each costs memory.
+MAX_CONNECTIONS = 1024
+# A refused connection is closed when its client hangs up, or after this; no more than so
+# many wait at once (the others are closed at once), so that refusals never use up the reserve.
+REFUSAL_LINGER = 1.0
+MAX_LINGERING_REFUSALS = 16
+# A failed accept() (out of descriptors, say) is retried after this, doubling up to the maximum.
+ACCEPT_RETRY = 0.05
+ACCEPT_RETRY_MAX = 1.0
 
 
 def open_socket(path: Path) -> socket.socket:
@@ -62,24 +80,126 @@ def open_socket(path: Path) -> socket.socket:
     return sock
 
 
+def connection_cap(limit: int, open_now: int) -> int:
+    """How many connections the server holds at once: what the descriptor limit leaves after
+    the `open_now` descriptors and `DESCRIPTOR_RESERVE`, at least 4 and at most
+    `MAX_CONNECTIONS`."""
+    return max(4, min(MAX_CONNECTIONS, limit - open_now - DESCRIPTOR_RESERVE))
+
+
+def descriptor_limit() -> int:
+    """This process's limit on open descriptors (the soft RLIMIT_NOFILE)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_CONNECTIONS * 2 if soft == resource.RLIM_INFINITY else soft
+
+
+def open_descriptors() -> int:
+    """How many descriptors this process has open (an estimate where /proc is missing)."""
+    try:
+        # Less the one that reading the folder opens.
+        return sum(1 for _ in Path("/proc/self/fd").iterdir()) - 1
+    except OSError:
+        return 32
+
+
 class ApiServer:
     """Accepts connections and serves each until it closes: it carries lines and events, and
     the `ApiService` decides what they mean."""
 
     def __init__(self, service: ApiService) -> None:
         self._service = service
+        self._open_connections = 0
+        self._cap = MAX_CONNECTIONS
+        self._refused = 0  # since the server last accepted one
+        self._lingering = 0  # refused connections not yet closed
 
     async def serve(self, path: Path, *, task_status: TaskStatus[None]) -> None:
         """Listens at `path` (started once listening) until cancelled; removes the socket."""
         listener = await SocketListener.from_socket(open_socket(path))
+        limit, open_now = descriptor_limit(), open_descriptors()
+        self._cap = connection_cap(limit, open_now)
+        log.info(
+            "serving at most %d connections at once (%d descriptors allowed, %d open)",
+            self._cap,
+            limit,
+            open_now,
+        )
         try:
-            task_status.started()
-            await listener.serve(self._connection)
+            async with anyio.create_task_group() as connections:
+                task_status.started()
+                await self._accept(listener, connections)
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
                 with contextlib.suppress(FileNotFoundError):
                     await anyio.Path(path).unlink()
+
+    async def _accept(self, listener: SocketListener, connections: TaskGroup) -> None:
+        """Accepts connections until cancelled: a failed accept() is said once and retried
+        after a pause, a connection past the cap is refused."""
+        failures = 0
+        while True:
+            try:
+                stream = await listener.accept()
+            except anyio.BrokenResourceError as exc:
+                if failures == 0:
+                    reason = exc.__cause__ or exc
+                    log.warning("cannot accept connections (%s): retrying", _describe(reason))
+                await anyio.sleep(min(ACCEPT_RETRY * 2**failures, ACCEPT_RETRY_MAX))
+                failures += 1
+                continue
+            if failures:
+                log.info("accepting connections again, after %d failed attempts", failures)
+                failures = 0
+            if self._open_connections >= self._cap:
+                self._refuse(stream, connections)
+                continue
+            if self._refused:
+                log.info("accepting connections again, after refusing %d", self._refused)
+                self._refused = 0
+            self._open_connections += 1
+            connections.start_soon(self._counted_connection, stream)
+
+    async def _counted_connection(self, stream: SocketStream) -> None:
+        try:
+            await self._connection(stream)
+        finally:
+            self._open_connections -= 1
+
+    def _refuse(self, stream: SocketStream, connections: TaskGroup) -> None:
+        """Answers one line, `not_ready`, and ends the stream: the client learns why at once.
+        The connection stays open a moment, until the client closes it, so that a request
+        it sends meanwhile does not fail with a broken pipe before it reads the refusal."""
+        if self._refused == 0:
+            log.warning("refusing connections: %d are open, the most this daemon serves", self._cap)
+        self._refused += 1
+        error = NotReady(
+            f"dlkeeper serves at most {self._cap} connections at once and all are in use; "
+            "retry once one closes"
+        )
+        raw = stream.extra(SocketAttribute.raw_socket)
+        with contextlib.suppress(OSError):
+            raw.send(orjson.dumps(_error_reply(None, error)) + b"\n")  # a new socket takes it
+            raw.shutdown(socket.SHUT_WR)
+        if self._lingering < MAX_LINGERING_REFUSALS:
+            self._lingering += 1
+            connections.start_soon(self._linger, stream)
+        else:
+            connections.start_soon(stream.aclose)
+
+    async def _linger(self, stream: SocketStream) -> None:
+        """Reads (and drops) what a refused client sends, until it hangs up or for at most
+        REFUSAL_LINGER seconds, then closes."""
+        try:
+            with anyio.move_on_after(REFUSAL_LINGER):
+                while len(await stream.receive()) > 0:
+                    pass
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            pass
+        finally:
+            self._lingering -= 1
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def _connection(self, stream: SocketStream) -> None:
         connection = _Connection(stream)
@@ -235,3 +355,9 @@ def _request_id(request: dict[str, Any]) -> int | str | None:
 
 def _error_reply(request_id: Any, error: BaseException) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": error_body(error)}
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"{errno.errorcode.get(error.errno, error.errno)}: {error.strerror}"
+    return str(error) or type(error).__name__
