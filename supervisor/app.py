@@ -23,7 +23,7 @@ from actors.statefile import StateStore
 from supervisor import exits, systemd
 from supervisor.api import ApiService
 from supervisor.config import Config
-from supervisor.server import ApiServer
+from supervisor.server import ApiServer, check_socket_free
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ async def run_daemon(config: Config) -> None:
                     config.layout.state_dir, MigrationContext(download_path=config.download_path)
                 )
                 persistence = Persistence(await actors.start(PersistenceActor(store)))
+                # Another daemon (of another library) answering on our socket path: said now,
+                # not after a replay that would start this library's downloads for nothing.
+                await check_socket_free(config.socket)
                 # 3. Start the libtorrent worker and replay every queued, downloading and
                 #    paused download into it. What libtorrent reports meanwhile waits in `events`.
                 try:

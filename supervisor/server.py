@@ -6,19 +6,24 @@ answered `too_large` and the connection closed, having read no more than 8 MiB o
 
 The server holds at most `connection_cap()` connections, so that idle clients can never take the
 descriptors the state file needs; one more is answered `not_ready` and closed. A failed
-`accept()` is retried after a short pause, never the end of the server.
+`accept()` is retried after a short pause, never the end of the server. The socket file is this
+daemon's alone: one that another process answers on is refused, a stale one replaced, and at
+stop only the file this daemon created is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import resource
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,34 +55,81 @@ MAX_LINGERING_REFUSALS = 16
 # A failed accept() (out of descriptors, say) is retried after this, doubling up to the maximum.
 ACCEPT_RETRY = 0.05
 ACCEPT_RETRY_MAX = 1.0
+# How long a daemon that finds a socket at its path waits for whoever holds it to answer.
+PROBE_TIMEOUT = 1.0
+# How long opening or removing the socket waits for another daemon doing the same.
+FOLDER_LOCK_TIMEOUT = 5.0
 
 
-def open_socket(path: Path) -> socket.socket:
+class SocketInUse(DlkeeperError):
+    """Another process answers on the socket path (or may): `serve` exits 1 naming the path."""
+
+
+@dataclass(frozen=True)
+class ListeningSocket:
+    """A listening socket, and the device and inode of the file bind() made for it: what tells
+    this daemon's socket file from one another daemon put at the same path later."""
+
+    socket: socket.socket
+    identity: tuple[int, int]
+
+
+def open_socket(path: Path) -> ListeningSocket:
     """A listening Unix socket at `path`, mode 0660 from the moment it exists.
 
-    A stale socket file is replaced; the caller holds the state lock, so no other daemon of
-    this library can be using it. Anything else at `path` is refused.
+    A socket file no one listens on (connect() refused) is replaced. One that answers belongs
+    to another daemon, maybe of another library, and is refused with `SocketInUse`; anything
+    that is not a socket, with `ConfigError`. Blocks (a probe, a lock): run it in a thread.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError("socket", f"{path} exists and is not a socket")
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The umask makes bind() create the file without world (or execute) bits: no window
-    # between bind and chmod in which anyone else could connect.
-    previous = os.umask(0o117)
     try:
-        sock.bind(str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        sock.close()
-        raise ConfigError("socket", f"cannot listen on {path}: {exc.strerror or exc}") from None
-    finally:
-        os.umask(previous)
-    path.chmod(SOCKET_MODE)
-    sock.listen(128)
+        raise ConfigError("socket", f"cannot make {path.parent}: {exc.strerror or exc}") from None
+    with _folder_locked(path.parent):
+        if _stale_socket_at(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The umask makes bind() create the file without world (or execute) bits: no window
+        # between bind and chmod in which anyone else could connect.
+        previous = os.umask(0o117)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError("socket", f"cannot listen on {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(previous)
+        made = path.lstat()
+        path.chmod(SOCKET_MODE)
+        sock.listen(128)
     sock.setblocking(False)
-    return sock
+    return ListeningSocket(sock, (made.st_dev, made.st_ino))
+
+
+async def check_socket_free(path: Path) -> None:
+    """Raises `SocketInUse` when another process answers on `path` and `ConfigError` when
+    something that is not a socket is there: said at start, before the library is replayed,
+    rather than once the daemon is ready to open its socket."""
+    await anyio.to_thread.run_sync(_stale_socket_at, path)
+
+
+def remove_socket(path: Path, identity: tuple[int, int]) -> None:
+    """Removes the socket file at `path` if it is still the one with `identity`; a file another
+    daemon has put there since is left alone. Call it before closing the listening socket, so
+    that its file's inode cannot have been reused."""
+    try:
+        with _folder_locked(path.parent):
+            try:
+                found = path.lstat()
+            except FileNotFoundError:
+                return
+            if (found.st_dev, found.st_ino) != identity:
+                log.warning("leaving %s in place: it is no longer this daemon's socket", path)
+                return
+            path.unlink()
+    except (OSError, SocketInUse) as exc:
+        log.warning("cannot remove the socket %s: %s", path, exc)
 
 
 def connection_cap(limit: int, open_now: int) -> int:
@@ -102,6 +154,90 @@ def open_descriptors() -> int:
         return 32
 
 
+def _stale_socket_at(path: Path) -> bool:
+    """Whether `path` holds a socket file no one listens on; False when nothing is there.
+    Raises when another process answers there, or when it is not a socket."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError("socket", f"cannot use {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError("socket", f"{path} exists and is not a socket")
+    who = _who_answers(path)
+    if who is None:
+        return True
+    raise SocketInUse(
+        f"{who} answers on {path}; stop it, or give this daemon a socket of its own "
+        "(socket in its config, or --socket)"
+    )
+
+
+def _who_answers(path: Path) -> str | None:
+    """None when connect() to `path` is refused (a stale file) or finds nothing; else who is
+    there: "another dlkeeper" when it answers a ping as one does, else "another process"."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(PROBE_TIMEOUT)
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except BlockingIOError:
+            return "another process (its queue of connections is full)"
+        except OSError as exc:
+            raise SocketInUse(
+                f"cannot tell whether another process answers on {path} "
+                f"({exc.strerror or exc}); remove it if none does"
+            ) from None
+        return "another dlkeeper" if _answers_ping(probe) else "another process"
+
+
+def _answers_ping(probe: socket.socket) -> bool:
+    received = b""
+    try:
+        probe.sendall(b'{"id": "socket-probe", "op": "ping"}\n')
+        while b"\n" not in received and len(received) < 65536:
+            chunk = probe.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    except OSError:
+        pass
+    try:
+        reply = orjson.loads(received.split(b"\n", 1)[0])
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(reply, dict) and "ok" in reply
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the socket's folder itself, so that two daemons never
+    interleave checking, replacing or removing a socket file there. A folder that cannot be
+    opened for it is used unlocked: the lock only closes a race between two starts."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + FOLDER_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SocketInUse(
+                        f"another process keeps the socket folder {folder} locked"
+                    ) from None
+                time.sleep(0.01)  # in a worker thread: polling a lock, under a deadline
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 class ApiServer:
     """Accepts connections and serves each until it closes: it carries lines and events, and
     the `ApiService` decides what they mean."""
@@ -114,8 +250,10 @@ class ApiServer:
         self._lingering = 0  # refused connections not yet closed
 
     async def serve(self, path: Path, *, task_status: TaskStatus[None]) -> None:
-        """Listens at `path` (started once listening) until cancelled; removes the socket."""
-        listener = await SocketListener.from_socket(open_socket(path))
+        """Listens at `path` (started once listening) until cancelled; removes the socket if it
+        is still this daemon's. Raises `SocketInUse` when another process answers there."""
+        opened = await anyio.to_thread.run_sync(open_socket, path)
+        listener = await SocketListener.from_socket(opened.socket)
         limit, open_now = descriptor_limit(), open_descriptors()
         self._cap = connection_cap(limit, open_now)
         log.info(
@@ -130,9 +268,8 @@ class ApiServer:
                 await self._accept(listener, connections)
         finally:
             with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(remove_socket, path, opened.identity)
                 await listener.aclose()
-                with contextlib.suppress(FileNotFoundError):
-                    await anyio.Path(path).unlink()
 
     async def _accept(self, listener: SocketListener, connections: TaskGroup) -> None:
         """Accepts connections until cancelled: a failed accept() is said once and retried

@@ -1,10 +1,12 @@
-"""The socket under pressure: more idle connections than descriptors, a failing accept()."""
+"""The socket under pressure: more idle connections than descriptors, a failing accept(), and
+two daemons (of two libraries) given one socket path."""
 
 from __future__ import annotations
 
 import contextlib
 import re
 import resource
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from tests.api import (
     add_torrent,
     assert_closed,
     code_of,
+    fixture_short_dir,  # noqa: F401 (a fixture)
     line,
     make_library,
     new_payload,
@@ -73,7 +76,7 @@ def log_count(daemon: Daemon, text: str) -> int:
     return daemon.log.read_text().count(text)
 
 
-# --- idle connections never exhaust the daemon's descriptors -----------------------------------
+# --- item 8: idle connections never exhaust the daemon's descriptors ---------------------------
 
 
 def test_connections_past_the_cap_are_refused_and_the_daemon_keeps_serving(
@@ -172,3 +175,77 @@ def test_a_failing_accept_is_retried_and_said_once(tmp_path: Path) -> None:
         assert log_count(daemon, "cannot accept connections") == 1  # once for the burst
         assert log_count(daemon, "accepting connections again") == 1
         assert daemon.stop() == 0
+
+
+# --- item 10: one socket path, two daemons ------------------------------------------------------
+
+
+def wait_exit_or_ready(daemon: Daemon) -> int:
+    """The exit status of a daemon expected to refuse to start; fails if it gets ready."""
+    try:
+        daemon.wait_for_notice("READY=1")
+    except AssertionError:
+        status = daemon.process.poll()
+        if status is None:
+            raise
+        return status
+    raise AssertionError(f"the daemon started; log:\n{daemon.log.read_text()[-2000:]}")
+
+
+def test_a_daemon_refuses_a_socket_another_daemon_answers_on(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    path = short_dir / "api.sock"
+    first_library = make_library(tmp_path / "first", socket_path=path)
+    second_library = make_library(tmp_path / "second", socket_path=path)
+    with started(first_library) as first:
+        before = path.lstat()
+        second = Daemon(second_library.config)
+        try:
+            assert wait_exit_or_ready(second) == 1
+        finally:
+            second.close()
+        assert f"dlkeeper: another dlkeeper answers on {path};" in second.log.read_text()
+        assert not second_library.torrents.exists()  # refused before replaying its library
+        after = path.lstat()
+        assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+        with first.client() as client:
+            assert client.call("ping")["ready"] is True
+        assert first.stop() == 0
+    assert not path.exists()
+
+
+def test_a_daemon_refuses_a_socket_another_process_listens_on(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    path = short_dir / "api.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen(1)  # listens, never answers
+        daemon = Daemon(make_library(tmp_path, socket_path=path).config)
+        try:
+            assert wait_exit_or_ready(daemon) == 1
+        finally:
+            daemon.close()
+        assert f"dlkeeper: another process answers on {path};" in daemon.log.read_text()
+        assert path.exists()
+
+
+def test_stopping_a_daemon_leaves_the_socket_another_daemon_put_at_its_path(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    path = short_dir / "api.sock"
+    first_library = make_library(tmp_path / "first", socket_path=path)
+    second_library = make_library(tmp_path / "second", socket_path=path)
+    with started(first_library) as first:
+        path.unlink()  # the first daemon's socket file is gone (an operator, a /tmp cleaner)
+        with started(second_library) as second:
+            made = path.lstat()
+            assert first.stop() == 0
+            found = path.lstat()
+            assert (found.st_dev, found.st_ino) == (made.st_dev, made.st_ino)
+            assert "it is no longer this daemon's socket" in first.log.read_text()
+            with second.client() as client:
+                assert client.call("ping")["ready"] is True
+            assert second.stop() == 0
+    assert not path.exists()
