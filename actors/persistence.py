@@ -44,7 +44,7 @@ from actors.messages.persistence import (
     StateMutation,
     UpdateRecord,
 )
-from actors.state import FINISHED_STATUSES, DownloadRecord, DownloadStatus
+from actors.state import FINISHED_STATUSES, DownloadRecord, DownloadStatus, storing_problem
 from actors.statefile import LoadReport, StateStore
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,9 @@ def apply_mutation(
     """Applies `mutation` to `downloads` in place (and to `index`, which must describe
     `downloads`; made here when not given).
 
-    Raises a `DlkeeperError` (and changes nothing) when the mutation is not allowed.
+    Raises a `DlkeeperError` (and changes nothing) when the mutation is not allowed, and
+    `BadRequest` for a record the state file cannot hold: refused here, it fails its own
+    caller instead of the write that would carry it.
     """
     index = index if index is not None else HashIndex(downloads)
     if isinstance(mutation, AddRecord):
@@ -116,6 +118,7 @@ def apply_mutation(
             raise Duplicate(
                 f"the torrent {record.info_hash} is already the download {owner}", owner
             )
+        _require_storable(record)
         downloads[record.task_id] = record
         index.add(record)
         return Applied(record)
@@ -126,6 +129,7 @@ def apply_mutation(
         if mutation.if_status is not None and current.status not in mutation.if_status:
             raise StaleChange(current.task_id, current.status)
         updated = current.model_copy(update=mutation.changes.changed())
+        _require_storable(updated)
         downloads[mutation.task_id] = updated
         index.discard(current)
         index.add(updated)
@@ -138,6 +142,12 @@ def apply_mutation(
     del downloads[mutation.task_id]
     index.discard(current)
     return Applied(current)
+
+
+def _require_storable(record: DownloadRecord) -> None:
+    problem = storing_problem(record)
+    if problem is not None:
+        raise BadRequest(problem)
 
 
 @dataclass
@@ -251,7 +261,7 @@ class PersistenceActor(Actor[PersistenceCommand]):
             try:
                 # Not abandoned on cancellation: a write in progress always runs to its end.
                 await anyio.to_thread.run_sync(self._store.write, snapshot)
-            except OSError as exc:
+            except Exception as exc:  # whatever failed the write fails its batch, not the actor
                 self._write_failed(batch, exc)
                 continue
             self._committed = snapshot
@@ -273,9 +283,11 @@ class PersistenceActor(Actor[PersistenceCommand]):
             if quiet_turns >= _QUIET_TURNS:
                 return
 
-    def _write_failed(self, batch: list[_Pending], exc: OSError) -> None:
+    def _write_failed(self, batch: list[_Pending], exc: Exception) -> None:
         error = StateWriteFailed(f"could not save the download state: {exc}")
-        log.error("persistence: %s; %d changes refused", error, len(batch))
+        # A disk's refusal is said in a line; anything else is a bug: its traceback too.
+        unexpected = not isinstance(exc, OSError)
+        log.error("persistence: %s; %d changes refused", error, len(batch), exc_info=unexpected)
         for pending in batch:
             pending.reply.fail(error)
         # Back to what is on disk, then redo the mutations that arrived during the failed write.

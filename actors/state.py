@@ -113,6 +113,37 @@ class StateFile(BaseModel):
         return self
 
 
+# In the state file a record sits two levels down ({"downloads": {task_id: record}}), and the
+# commands that show or set aside whole files encode it there.
+_DEPTH_IN_FILE = 2
+
+
+def storing_problem(record: DownloadRecord) -> str | None:
+    """Why `record` cannot be written to the state file, in one sentence naming the field (a
+    value nested deeper than orjson writes, 254 levels, an integer beyond 64 bits, ...); None
+    when it can. orjson reads far more than it writes, so a request can carry such a value."""
+    fields = record.model_dump()
+    if _encoding_error(fields, _DEPTH_IN_FILE) is None:
+        return None
+    for name, value in fields.items():
+        error = _encoding_error({name: value}, _DEPTH_IN_FILE)
+        if error is not None:
+            return f"{name} cannot be saved in the state file: {error}"
+    return f"download {record.task_id} cannot be saved in the state file"
+
+
+def _encoding_error(value: object, depth: int) -> str | None:
+    """orjson's refusal of `value` placed `depth` levels down, or None."""
+    for _ in range(depth):
+        value = {"": value}
+    try:
+        orjson.dumps(value, option=orjson.OPT_UTC_Z)
+    except TypeError as exc:  # orjson.JSONEncodeError
+        reason = str(exc)
+        return "it is nested too deeply" if reason == "Recursion limit reached" else reason
+    return None
+
+
 def encode_state(downloads: Mapping[str, DownloadRecord]) -> bytes:
     """The bytes of a current-version state file; one download per line, for people who grep."""
     return encode_entries([encode_entry(task_id, r) for task_id, r in downloads.items()])
@@ -263,4 +294,10 @@ def decode_state(raw: bytes, path: Path, context: MigrationContext) -> DecodedSt
         ) from None
     except (TypeError, ValueError, RecursionError) as exc:
         raise CorruptState(f"invalid state file: {exc}") from None
+    if _encoding_error(data, 0) is not None:
+        # A hand-edited value orjson reads but cannot write: every later write would fail.
+        for task_id, record in state.downloads.items():
+            problem = storing_problem(record)
+            if problem is not None:
+                raise CorruptState(f"invalid state file at downloads.{task_id}: {problem}")
     return DecodedState(downloads=dict(state.downloads), from_version=version)
