@@ -50,8 +50,9 @@ def live_status(record: DownloadRecord, live: TorrentStatus | None) -> LiveStatu
 
 
 def kept_files(record: DownloadRecord) -> tuple[FileInfo, ...]:
-    """The files listed by the download's .torrent copy, with its saved priorities; empty when
-    there is no readable copy (a magnet still fetching its metadata)."""
+    """The files listed by the download's .torrent copy, at the paths libtorrent writes them
+    (never the listed ones, which may hold `..`), with its saved priorities; empty when there is
+    no readable copy (a magnet still fetching its metadata)."""
     if not record.torrent_file_path:
         return ()
     try:
