@@ -14,9 +14,13 @@ What makes it safe to crash, restart or run twice:
 - the ack goes only after the imported files are on disk, so a crash or power cut loses no
   import: at worst the completion is offered, and imported, again.
 
-Without `--forever` it exits once its own download is imported (0) or has failed (1); with it,
-it keeps importing every completion, as a bot's main loop would. Completions of other downloads
-that arrive meanwhile are imported too: this bot is the daemon's only client.
+What makes it safe against a hostile torrent: every file's path is resolved (symlinks too) and
+must stay inside the download's save_path and inside the library, or nothing of that completion
+is imported and it is left unacked, with one line saying which file and why.
+
+Without `--forever` it exits once its own download is imported (0), has failed or was refused
+(1); with it, it keeps importing every completion, as a bot's main loop would. Completions of
+other downloads that arrive meanwhile are imported too: this bot is the daemon's only client.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import hashlib
 import logging
 import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import anyio
 
@@ -51,6 +55,41 @@ def stable_task_id(source: str) -> str:
     return "bot-" + hashlib.sha256(data).hexdigest()[:16]
 
 
+class UnsafePath(Exception):
+    """A completion names a file that would be read from outside its save_path or written
+    outside the library."""
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def planned_imports(event: DownloadCompletedEvent, library: Path) -> list[tuple[Path, Path]]:
+    """(source, target) of every downloaded file of `event`, both resolved, symlinks too.
+
+    Raises `UnsafePath` if any file is absolute, has a `..`, or resolves outside the save_path
+    (source) or outside `library` (target): a torrent names its own files, and the daemon's
+    word that they are safe is not taken on trust.
+    """
+    save_path = Path(event.save_path).resolve()
+    root = library.resolve()
+    planned = []
+    for file in event.files:
+        if file.priority == 0:
+            continue  # skipped by the bot's choice: never downloaded
+        relative = PurePosixPath(file.path)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise UnsafePath(f"{event.task_id}: the file path {file.path!r} is not relative")
+        source = (save_path / relative).resolve()
+        target = (root / relative).resolve()
+        if not _within(source, save_path):
+            raise UnsafePath(f"{event.task_id}: {file.path!r} leads out of {save_path}")
+        if not _within(target, root):
+            raise UnsafePath(f"{event.task_id}: {file.path!r} would be written outside {root}")
+        planned.append((source, target))
+    return planned
+
+
 def import_download(event: DownloadCompletedEvent, library: Path) -> list[Path]:
     """Puts every downloaded file of `event` at the same relative path under `library`.
 
@@ -58,14 +97,11 @@ def import_download(event: DownloadCompletedEvent, library: Path) -> list[Path]:
     to a temporary name and renamed over the target, so a second run replaces a file with the
     same bytes, and a crash midway leaves no half-written file under the real name. Every
     touched folder is fsynced before it returns, so an ack sent after it loses nothing.
+    Raises `UnsafePath`, before touching anything, for a file that leaves either folder.
     """
     imported = []
     folders = set()
-    for file in event.files:
-        if file.priority == 0:
-            continue  # skipped by the bot's choice: never downloaded
-        source = Path(event.save_path) / file.path
-        target = library / file.path
+    for source, target in planned_imports(event, library):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.importing")
         partial.unlink(missing_ok=True)
@@ -122,7 +158,14 @@ async def serve(dlkeeper: DlkeeperClient, library: Path, task_id: str, forever: 
         try:
             async for event in dlkeeper.events():
                 if isinstance(event, DownloadCompletedEvent):
-                    files = await anyio.to_thread.run_sync(import_download, event, library)
+                    try:
+                        files = await anyio.to_thread.run_sync(import_download, event, library)
+                    except UnsafePath as exc:
+                        # Never acked: a person should look at it (and cancel or ack it).
+                        log.error("refusing to import %s; left unacked", exc)
+                        if event.task_id == task_id and not forever:
+                            return 1
+                        continue
                     log.info("imported %s: %d files into %s", event.task_id, len(files), library)
                 elif isinstance(event, DownloadFailedEvent):
                     log.error("download %s failed: %s", event.task_id, event.error)
