@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ from actors.errors import (
     NotFound,
     NotReady,
     PathNotAllowed,
+    StateWriteFailed,
     UnknownOp,
 )
 from actors.mailbox import KeyedLock
@@ -131,6 +132,10 @@ class ApiService:
         self._bus = bus
         self._started = time.monotonic()
         self._download_root = config.download_path.resolve()  # resolved once, not per add
+        # Where dlkeeper keeps its own files: no payload may land there (the state folder too,
+        # for a library_path inside download_path).
+        layout = config.layout
+        self._own_folders = (layout.torrents_dir.resolve(), layout.state_dir.resolve())
         self._changes = KeyedLock()  # one change of a download at a time, in arrival order
         self._ops: dict[str, tuple[type[Params], Callable[[Any], Awaitable[Message]]]] = {
             "ping": (NoParams, self.ping),
@@ -193,6 +198,8 @@ class ApiService:
         """The download an add asks for, checked; raises the contract's errors."""
         source = await self._source(params)
         save_path = self._save_path(params.save_path)
+        if source.files is not None:  # a magnet's files are known only with its metadata
+            self._refuse_own_folders(save_path, source.files)
         priorities = tuple(params.file_priorities or ())
         if source.files is not None and priorities and len(priorities) != len(source.files):
             raise BadRequest(
@@ -239,8 +246,9 @@ class ApiService:
         await anyio.to_thread.run_sync(_keep_torrent, path, torrent)
         try:
             return await self._persistence.add(record)
-        except Duplicate:
-            # The torrent is another download's: the copy just written is nobody's.
+        except (Duplicate, BadRequest, StateWriteFailed):
+            # Refused, nothing saved (another download's torrent, a value the state file cannot
+            # hold, a failed write): the copy just written is nobody's.
             await anyio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
             raise
 
@@ -390,7 +398,33 @@ class ApiService:
         resolved = path.resolve()  # symlinks too: a link out of download_path is refused
         if resolved != root and root not in resolved.parents:
             raise PathNotAllowed(f"save_path {requested} is not inside {root}")
+        for folder in self._own_folders:
+            if _within(resolved, folder):
+                raise PathNotAllowed(
+                    f"save_path {requested} is inside {folder}, where dlkeeper keeps its own files"
+                )
         return resolved
+
+    def _refuse_own_folders(self, save_path: Path, files: Iterable[tuple[str, int]]) -> None:
+        """Refuses a torrent a file of which would land in one of dlkeeper's own folders (a
+        multi-file torrent named `torrents` saved at download_path would write among the
+        .torrent and .fastresume copies). The paths are libtorrent's, with no `..` and no
+        leading `/`: only a top element that is a symlink leads elsewhere, so each top is
+        resolved once and the rest of a path is compared as text."""
+        tops: dict[str, str] = {}
+        own = [str(folder) for folder in self._own_folders]
+        for path, _ in files:
+            top, _, rest = path.partition("/")
+            landing = tops.get(top)
+            if landing is None:
+                landing = tops[top] = str((save_path / top).resolve())
+            written = f"{landing}/{rest}" if rest else landing
+            for folder in own:
+                if written == folder or written.startswith(folder + "/"):
+                    raise PathNotAllowed(
+                        f"the torrent's file {path} would be written in {folder}, "
+                        "where dlkeeper keeps its own files"
+                    )
 
     @contextlib.asynccontextmanager
     async def _changing(self, task_id: str) -> AsyncIterator[None]:
@@ -536,6 +570,10 @@ class _Source:
     magnet: str | None
     name: str
     files: list[tuple[str, int]] | None  # None until a magnet's metadata is known
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def _read_torrent_path(name: str) -> bytes:
