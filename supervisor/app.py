@@ -8,6 +8,7 @@ import math
 import os
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import anyio
 
@@ -40,6 +41,8 @@ async def run_daemon(config: Config) -> None:
     # Installed first, so that a SIGTERM at any moment is a clean stop.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as daemon:
+            stop = _StopRequest()
+            daemon.start_soon(_watch_signals, signals, stop)
             async with actor_group(stop_timeout=config.shutdown_timeout + 10) as actors:
                 # 1. The config is loaded and valid (the caller did that, exit 2 otherwise).
                 # 2. Take the state lock and load downloads.json: quarantine, backup, migration.
@@ -60,79 +63,123 @@ async def run_daemon(config: Config) -> None:
                 options = session_options(config)
                 session_actor = SessionActor(options, persistence, publish)
                 session = Session(await actors.start(session_actor))
-                await session.wait_replayed(timeout=SESSION_START_TIMEOUT)
-                # 4. Only now handle completions (the ones reported during the replay first).
-                bus = EventBus()
-                await actors.start(MonitorActor(persistence, events, bus))
-                # 5. Open the socket, then tell systemd we are ready.
-                service = ApiService(config, persistence, session, bus)
-                server = ApiServer(service)
-                async with anyio.create_task_group() as serving:
-                    await serving.start(server.serve, config.socket)
-                    systemd.notify("READY=1")
-                    serving.start_soon(_pet_watchdog, session, healthy_heartbeat_age(options))
-                    stats = await session.stats()
-                    log.info(
-                        "dlkeeper running: %d download%s resumed, %d could not be, "
-                        "socket %s, state in %s",
-                        stats.resumed_at_start,
-                        "" if stats.resumed_at_start == 1 else "s",
-                        stats.resume_failures,
-                        config.socket,
-                        store.path,
-                    )
-                    received = await _first(signals)
-                    log.info("received %s: stopping", received.name)
+                # A stop asked for during the replay is carried out now, not after it: leaving
+                # the actor group ends the replay (the worker is closed).
+                with anyio.CancelScope() as replaying:
+                    daemon.start_soon(_cancel_on, stop.requested, replaying)
+                    await session.wait_replayed(timeout=SESSION_START_TIMEOUT)
+                if replaying.cancelled_caught:
+                    log.info("received %s during the replay: stopping", stop.name)
                     systemd.notify("STOPPING=1")
-                    daemon.start_soon(_exit_on_second_signal, signals)
-                    serving.cancel_scope.cancel()  # stop accepting; the socket goes
-                # Resume data for every download now, while the monitor still records the
-                # progress it holds; the session's own save on stop then finds little left.
-                with (
-                    anyio.move_on_after(config.shutdown_timeout),
-                    contextlib.suppress(DlkeeperError),
-                ):
-                    await session.save_resume_data()
+                else:
+                    # 4. Only now handle completions (the ones reported during the replay first).
+                    bus = EventBus()
+                    await actors.start(MonitorActor(persistence, events, bus))
+                    # 5. Open the socket, then tell systemd we are ready.
+                    service = ApiService(config, persistence, session, bus)
+                    server = ApiServer(service)
+                    async with anyio.create_task_group() as serving:
+                        await serving.start(server.serve, config.socket)
+                        systemd.notify("READY=1")
+                        serving.start_soon(
+                            _pet_watchdog, session, persistence, healthy_heartbeat_age(options)
+                        )
+                        stats = await session.stats()
+                        log.info(
+                            "dlkeeper running: %d download%s resumed, %d could not be, "
+                            "socket %s, state in %s",
+                            stats.resumed_at_start,
+                            "" if stats.resumed_at_start == 1 else "s",
+                            stats.resume_failures,
+                            config.socket,
+                            store.path,
+                        )
+                        await stop.requested.wait()
+                        log.info("received %s: stopping", stop.name)
+                        systemd.notify("STOPPING=1")
+                        serving.cancel_scope.cancel()  # stop accepting; the socket goes
+                    # Resume data for every download now, while the monitor still records the
+                    # progress it holds; the session's own save on stop then finds little left.
+                    with (
+                        anyio.move_on_after(config.shutdown_timeout),
+                        contextlib.suppress(DlkeeperError),
+                    ):
+                        await session.save_resume_data()
                 # Leaving the actor group stops the monitor, then the session (which saves
                 # resume data, bounded by shutdown_timeout), then persistence (the lock).
             daemon.cancel_scope.cancel()
     log.info("stopped cleanly")
 
 
-async def _first(signals: AsyncIterator[int]) -> signal.Signals:
+@dataclass
+class _StopRequest:
+    """Set by the first SIGTERM or SIGINT."""
+
+    requested: anyio.Event = field(default_factory=anyio.Event)
+    name: str = ""
+
+
+async def _watch_signals(signals: AsyncIterator[int], stop: _StopRequest) -> None:
+    """The first signal asks for a clean stop; a second one, while stopping, exits at once."""
     async for received in signals:
-        return signal.Signals(received)
-    raise RuntimeError("the signal receiver ended")  # pragma: no cover - it never does
+        name = signal.Signals(received).name
+        if not stop.requested.is_set():
+            stop.name = name
+            stop.requested.set()
+            continue
+        # Every file dlkeeper writes is replaced atomically, so leaving now corrupts nothing;
+        # the worker sees its stdin close and exits too.
+        log.warning("received %s while stopping: exiting at once", name)
+        os._exit(exits.TERMINATED)
 
 
-async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:
-    received = await _first(signals)
-    # Every file dlkeeper writes is replaced atomically, so leaving now corrupts nothing; the
-    # worker sees its stdin close and exits too.
-    log.warning("received %s while stopping: exiting at once", received.name)
-    os._exit(exits.TERMINATED)
+async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
-async def _pet_watchdog(session: Session, healthy_age: float) -> None:
+async def _pet_watchdog(session: Session, persistence: Persistence, healthy_age: float) -> None:
     """WATCHDOG=1 every half $WATCHDOG_USEC, only while healthy: this loop turning is the event
-    loop turning, and the worker must have answered a heartbeat recently."""
+    loop turning, the worker must have answered a heartbeat recently, and the persistence actor
+    must answer a read (it never waits for a write) within the interval."""
     interval = systemd.watchdog_interval()
     if interval is None:
         return
-    healthy = True
+    said: str | None = None
     while True:
-        with anyio.move_on_after(interval):
-            stats = await session.stats()
-            now_healthy = stats.heartbeat_age is not None and stats.heartbeat_age < healthy_age
-            if now_healthy:
-                systemd.notify("WATCHDOG=1")
-            if now_healthy != healthy:  # said once a change, not at every interval
-                if now_healthy:
-                    log.info("the libtorrent worker answers again: petting the watchdog")
-                else:
-                    log.warning("not petting the watchdog: the libtorrent worker is not answering")
-                healthy = now_healthy
+        problem = await _health_problem(session, persistence, healthy_age, interval)
+        if problem is None:
+            systemd.notify("WATCHDOG=1")
+        if problem != said:  # said once a change, not at every interval
+            if problem is None:
+                log.info("%s answers again: petting the watchdog", _WHO[said or ""])
+            else:
+                log.warning("not petting the watchdog: %s is not answering", _WHO[problem])
+            said = problem
         await anyio.sleep(interval)
+
+
+_WHO = {
+    "worker": "the libtorrent worker",
+    "session": "the session actor",
+    "persistence": "the persistence actor",
+    "": "all",
+}
+
+
+async def _health_problem(
+    session: Session, persistence: Persistence, healthy_age: float, within: float
+) -> str | None:
+    """None when healthy, else which part is not answering (a key of `_WHO`)."""
+    with anyio.move_on_after(within):
+        stats = await session.stats()
+        if stats.heartbeat_age is None or stats.heartbeat_age >= healthy_age:
+            return "worker"
+        with anyio.move_on_after(within):
+            await persistence.stats()
+            return None
+        return "persistence"
+    return "session"
 
 
 def healthy_heartbeat_age(options: SessionOptions) -> float:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from actors.state import MigrationContext
+from actors.statefile import StateStore
 from tests.daemons import DEADLINE, Daemon, layout_of, running_daemon, write_config
+from tests.records import make_record
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,3 +73,30 @@ def test_a_second_sigterm_while_stopping_exits_at_once_and_corrupts_nothing(
                 os.kill(worker, signal.SIGKILL)
     state = json.loads(layout_of(config).state_file.read_bytes())
     assert list(state["downloads"]) == ["safe"]
+
+
+def test_sigterm_during_the_boot_replay_stops_without_finishing_it(tmp_path: Path) -> None:
+    # Thousands of downloads make a replay of seconds; the stop used to wait for its end.
+    config = write_config(tmp_path / "etc", tmp_path / "library")
+    layout = layout_of(config)
+    store = StateStore(layout.state_dir, MigrationContext(download_path=layout.download_path))
+    store.acquire_lock()
+    try:
+        store.write({f"r{n:05d}": make_record(f"r{n:05d}") for n in range(6000)})
+    finally:
+        store.release_lock()
+    daemon = Daemon(config)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while "worker (pid" not in daemon.log.read_text():  # the replay begins now
+            assert daemon.process.poll() is None, daemon.log.read_text()
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.02)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(DEADLINE) == 0
+    finally:
+        daemon.close()
+    log = daemon.log.read_text()
+    assert "received SIGTERM during the replay: stopping" in log
+    assert "replayed 6000 of 6000" not in log
+    assert len(json.loads(layout.state_file.read_bytes())["downloads"]) == 6000  # all kept
