@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import shutil
+import signal
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.api import (
     Library,
@@ -13,10 +19,13 @@ from tests.api import (
     code_of,
     fixture_fresh,  # noqa: F401 (a fixture)
     line,
+    make_library,
     new_id,
     new_payload,
+    wait_until,
 )
-from tests.daemons import Daemon, RawClient, running_daemon
+from tests.daemons import Daemon, RawClient, layout_of, running_daemon
+from tests.test_stop import children
 from tests.torrents import Payload
 
 
@@ -155,3 +164,45 @@ def _assert_agree(
             else:
                 assert probe["ok"], probe
                 assert client.call("cancel", task_id=probe["result"]["task_id"]) == {}
+
+
+STRACE = shutil.which("strace")
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace (.ci/run installs it)")
+def test_an_add_whose_client_left_during_a_slow_write_is_still_started(tmp_path: Path) -> None:
+    # The state folder's fsync takes 7 s, more than the 5 s the server waits for a request
+    # whose client has gone: that request used to be cancelled after its save and before
+    # libtorrent got it, so the download stayed `queued` and never ran.
+    library = make_library(tmp_path)
+    layout = layout_of(library.config)
+    layout.state_dir.mkdir(parents=True)
+    assert STRACE is not None
+    slow_fsync = [STRACE, "-f", "-qq", "-o", "/dev/null", "-P", str(layout.state_dir)]
+    slow_fsync += ["-e", "trace=fsync", "-e", "inject=fsync:delay_enter=7000000"]
+    daemon = Daemon(library.config, command_prefix=slow_fsync)
+    try:
+        daemon.wait_ready()
+        torrent = new_payload(tmp_path / "p")
+        with daemon.client() as client:
+            client.send_raw(
+                line({"id": 1, "op": "add", "magnet": magnet(torrent), "task_id": "gone"})
+            )
+            wait_until(lambda: "gone" in library.state() or None, "the add to be saved")
+        with daemon.client() as client:
+
+            def live_status() -> str | None:
+                reply = client.request("get", task_id="gone")  # not_found until committed
+                return reply["result"]["status"] if reply["ok"] else None
+
+            # In libtorrent: its live state, fetching metadata (no peer has it), not `queued`.
+            wait_until(
+                lambda: live_status() == "fetching_metadata" or None,
+                "the saved download to be in libtorrent",
+            )
+    finally:
+        tracee = children(daemon.process.pid)
+        daemon.close()  # strace is started with the daemon: its end takes the daemon along
+        for pid in tracee:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
