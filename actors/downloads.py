@@ -15,8 +15,8 @@ from actors.messages.wire import (
     LiveStatus,
 )
 from actors.messages.worker import TorrentStatus
-from actors.metainfo import torrent_files
-from actors.state import MAX_TORRENT_BYTES, DownloadRecord, DownloadStatus
+from actors.metainfo import MAX_TORRENT_BYTES, torrent_files
+from actors.state import DownloadRecord, DownloadStatus
 
 DEFAULT_PRIORITY = 4  # libtorrent's
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from actors.atomic import read_small_file
 from actors.errors import DlkeeperError
-from actors.metainfo import torrent_info_hash
-from actors.state import MAX_TORRENT_BYTES, DownloadRecord
+from actors.metainfo import MAX_TORRENT_BYTES, torrent_info_hash
+
+if TYPE_CHECKING:
+    from actors.state import DownloadRecord
 
 STATE_FILE_NAME = "downloads.json"
 MAX_RESUME_BYTES = 128 * 1024 * 1024  # resume data of a huge v2 torrent can be tens of MiB

@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from actors.errors import InvalidMagnet, InvalidTorrent
 
+MAX_TORRENT_BYTES = 64 * 1024 * 1024  # the largest .torrent dlkeeper reads or keeps
+
 _MAX_DEPTH = 64
 _HEX40 = re.compile(r"[0-9a-fA-F]{40}")
 _BASE32_32 = re.compile(r"[A-Za-z2-7]{32}")

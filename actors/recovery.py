@@ -26,11 +26,17 @@ from pydantic import ValidationError
 from actors.atomic import read_small_file
 from actors.errors import CorruptState, DlkeeperError
 from actors.layout import MAX_RESUME_BYTES, Layout, replay_torrent
-from actors.metainfo import TorrentSummary, bdecode, bencode, magnet_info_hash, read_torrent
+from actors.metainfo import (
+    MAX_TORRENT_BYTES,
+    TorrentSummary,
+    bdecode,
+    bencode,
+    magnet_info_hash,
+    read_torrent,
+)
 from actors.state import (
     ACTIVE_STATUSES,
     CURRENT_VERSION,
-    MAX_TORRENT_BYTES,
     TASK_ID_PATTERN,
     DownloadRecord,
     DownloadStatus,

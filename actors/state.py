@@ -29,14 +29,12 @@ from pydantic import (
 
 from actors.atomic import read_small_file
 from actors.errors import CorruptState, DlkeeperError, StateTooNew
-from actors.metainfo import magnet_info_hash, torrent_info_hash
+from actors.metainfo import MAX_TORRENT_BYTES, magnet_info_hash, torrent_info_hash
 
 log = logging.getLogger(__name__)
 
 CURRENT_VERSION = 1
 TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-# A .torrent bigger than this is not read while migrating (real ones are kilobytes to a few MiB).
-MAX_TORRENT_BYTES = 64 * 1024 * 1024
 
 TaskId = Annotated[str, Field(pattern=TASK_ID_PATTERN)]
 FilePriority = Annotated[int, Field(ge=0, le=7)]

@@ -60,16 +60,10 @@ from actors.messages.wire import (
     StatsResult,
 )
 from actors.messages.worker import TorrentStatus
-from actors.metainfo import magnet_info_hash, read_torrent
+from actors.metainfo import MAX_TORRENT_BYTES, magnet_info_hash, read_torrent
 from actors.persistence import Persistence
 from actors.session import Session
-from actors.state import (
-    ACTIVE_STATUSES,
-    MAX_TORRENT_BYTES,
-    TASK_ID_PATTERN,
-    DownloadRecord,
-    DownloadStatus,
-)
+from actors.state import ACTIVE_STATUSES, TASK_ID_PATTERN, DownloadRecord, DownloadStatus
 from supervisor import __version__
 from supervisor.config import Config
 
