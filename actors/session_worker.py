@@ -179,10 +179,12 @@ class _Torrent:
 
 @dataclass
 class _PendingAdd:
-    """An add libtorrent has not confirmed yet, and every request (retries too) it answers."""
+    """An add libtorrent has not confirmed yet, every request (retries too) it answers, and
+    the commands for its download that came meanwhile: they run, in order, once it is added."""
 
     request: AddTorrent
     request_ids: list[int]
+    waiting: list[WorkerRequest] = field(default_factory=list)
 
 
 @dataclass
@@ -231,6 +233,12 @@ class SessionWorker:
             return
         if self.session is None:
             raise BadRequest("the session is not configured yet")
+        task_id = getattr(request, "task_id", None)
+        if task_id is not None and not isinstance(request, AddTorrent):
+            pending = self.pending_add(task_id)
+            if pending is not None:  # not `not_found`: it is being added, and this follows it
+                pending.waiting.append(request)
+                return
         if isinstance(request, AddTorrent):
             self.add(request)
         elif isinstance(request, PauseTorrent):
@@ -274,9 +282,7 @@ class SessionWorker:
         if present is not None:  # a retried add: answer as the first one was answered
             self.reply_added(request.id, present)
             return
-        pending = next(
-            (p for p in self.adding.values() if p.request.task_id == request.task_id), None
-        )
+        pending = self.pending_add(request.task_id)
         if pending is not None:
             pending.request_ids.append(request.id)
             return
@@ -307,6 +313,9 @@ class SessionWorker:
             raise BadRequest(f"torrent {info_hash} is already in the session as {other}")
         self.adding[info_hash] = _PendingAdd(request, [request.id])
         self.session.async_add_torrent(params)
+
+    def pending_add(self, task_id: str) -> _PendingAdd | None:
+        return next((p for p in self.adding.values() if p.request.task_id == task_id), None)
 
     def add_params(self, request: AddTorrent) -> Any:
         """The add_torrent_params: the resume data when it is readable and of this torrent,
@@ -546,6 +555,7 @@ class SessionWorker:
             error = BadRequest(f"libtorrent refused the torrent: {alert.error.message()}")
             for request_id in pending.request_ids:
                 self.reply_error(request_id, error)
+            self.run_waiting(pending)  # not in the session: they find it so
             return
         # The hash it was added by stays its name (a v2 magnet's, say), even once metadata
         # tells the v1 hash of a hybrid torrent too.
@@ -555,6 +565,17 @@ class SessionWorker:
         self.remember(torrent)
         for request_id in pending.request_ids:
             self.reply_added(request_id, torrent)
+        self.run_waiting(pending)
+
+    def run_waiting(self, pending: _PendingAdd) -> None:
+        for request in pending.waiting:
+            try:
+                self.handle(request)
+            except DlkeeperError as exc:
+                self.reply_error(request.id, exc)
+            except Exception as exc:
+                log.exception("command failed")
+                self.reply_error(request.id, exc)
 
     def reply_added(self, request_id: int, torrent: _Torrent) -> None:
         self.reply(request_id, TorrentAddedReply(info_hash=torrent.info_hash))

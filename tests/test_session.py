@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import libtorrent as lt
 import pytest
 
@@ -414,3 +416,23 @@ async def test_files_are_whole_on_disk_when_finished_even_if_the_worker_dies_at_
             # The replay finds it complete (resume data or a check), never a wrong "have".
             await running.next_event(DownloadFinished, lambda e: e.task_id == "f1")
     assert library.hashes_match(big)
+
+
+async def test_a_command_sent_while_its_download_is_being_added_waits_for_the_add(
+    library: Library, slow_payload: Payload
+) -> None:
+    # The worker knew only the torrents whose add libtorrent had confirmed: a pause written
+    # right behind the add was `not_found`, and the download ran on unpaused.
+    async with running_session(library) as running:
+        record = library.record("racing", slow_payload, status=DownloadStatus.QUEUED)
+        await running.persistence.add(record)
+        async with anyio.create_task_group() as both:
+            both.start_soon(
+                functools.partial(
+                    running.session.add, record, fresh=True, torrent=slow_payload.torrent
+                )
+            )
+            await anyio.lowlevel.checkpoint()  # the add goes first, in the same write
+            both.start_soon(running.session.pause, "racing")
+        (status,) = await running.session.status("racing")
+        assert not status.auto_managed and status.paused
