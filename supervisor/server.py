@@ -4,6 +4,13 @@ Every request runs in its own task, so many may be in flight on one connection a
 never holds up the others; replies go out in the order they are ready. A line over 8 MiB is
 answered `too_large` and the connection closed, having read no more than 8 MiB of it.
 
+Memory for requests in flight is bounded in bytes as well as in number: every request line is
+charged to one byte budget shared by all connections (`LINE_BYTES_IN_FLIGHT`) from when it is
+read until its answer is known, together with what the service charges while serving it (a
+.torrent). While the budget is spent, each connection's reader stops reading (the
+backpressure), and the requests already admitted finish and give their bytes back; the reply
+goes out after, so a client slow to read its replies holds nothing.
+
 The server holds at most `connection_cap()` connections, so that idle clients can never take the
 descriptors the state file needs; one more is answered `not_ready` and closed. A failed
 `accept()` is retried after a short pause, never the end of the server. The socket file is this
@@ -32,6 +39,7 @@ import orjson
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from actors.budget import ByteBudget, HeldBytes
 from actors.errors import BadRequest, ConfigError, DlkeeperError, NotReady, TooLarge, error_body
 from supervisor.api import ApiService, EventFeed
 
@@ -41,6 +49,10 @@ MAX_LINE_BYTES = 8 * 1024 * 1024
 SOCKET_MODE = 0o660
 # Requests in progress per connection; past this, the connection is not read (backpressure).
 MAX_IN_FLIGHT = 256
+# Bytes of request lines in progress, all connections together; past this, lines wait to be
+# admitted. Four lines of the largest size, or thousands of ordinary ones: on a Raspberry Pi,
+# with the .torrent budget (supervisor.api), a few hundred MiB at worst rather than gigabytes.
+LINE_BYTES_IN_FLIGHT = 32 * 1024 * 1024
 # Replies still being worked on when a client closes its side get this long to go out.
 DRAIN_TIMEOUT = 5.0
 # Descriptors left free beyond the connections: the state file's writes (temporary file,
@@ -244,6 +256,7 @@ class ApiServer:
 
     def __init__(self, service: ApiService) -> None:
         self._service = service
+        self._line_bytes = ByteBudget(LINE_BYTES_IN_FLIGHT)
         self._open_connections = 0
         self._cap = MAX_CONNECTIONS
         self._refused = 0  # since the server last accepted one
@@ -340,13 +353,16 @@ class ApiServer:
 
     async def _connection(self, stream: SocketStream) -> None:
         connection = _Connection(stream)
-        async with stream, anyio.create_task_group() as tasks:
-            connection.tasks = tasks
-            await self._read_requests(connection)
-            # The client closed its side: replies in progress still go out, then we hang up.
-            with anyio.move_on_after(DRAIN_TIMEOUT):
-                await connection.requests_done()
-            tasks.cancel_scope.cancel()
+        try:
+            async with stream, anyio.create_task_group() as tasks:
+                connection.tasks = tasks
+                await self._read_requests(connection)
+                # The client closed its side: replies in progress still go out, then we hang up.
+                with anyio.move_on_after(DRAIN_TIMEOUT):
+                    await connection.requests_done()
+                tasks.cancel_scope.cancel()
+        finally:
+            connection.release_charges()  # of requests cancelled before they ever ran
 
     async def _read_requests(self, connection: _Connection) -> None:
         lines = BufferedByteReceiveStream(connection.stream)
@@ -371,9 +387,26 @@ class ApiServer:
                 await connection.send(_error_reply(None, error))
                 return
             await connection.request_slot()  # a client that never reads cannot pile up tasks
-            connection.spawn_request(self._request, line)  # an empty line is bad_request too
+            held = HeldBytes()
+            await held.take(self._line_bytes, len(line))  # meanwhile this connection is not read
+            # An empty line is bad_request too.
+            connection.spawn_request(self._request, _Request(line, held))
+            del line  # the request has it: an idle reader keeps none of it after the answer
 
-    async def _request(self, connection: _Connection, line: bytes) -> None:
+    async def _request(self, connection: _Connection, request: _Request) -> None:
+        try:
+            # The service charges what else the request holds (a .torrent) to `request.held`.
+            with request.held.serving():
+                # The line goes to _answer alone, so nothing of it is left once it answers.
+                reply, subscribed = await self._answer(connection, request.take_line())
+        finally:
+            request.held.release()  # before the reply: a client slow to read it holds nothing
+        await connection.send(reply)
+        if subscribed:
+            connection.subscribed.set()  # its events may go out now
+
+    async def _answer(self, connection: _Connection, line: bytes) -> tuple[dict[str, Any], bool]:
+        """The reply to one request line, and whether it subscribed the connection."""
         request_id: Any = None
         try:
             request = _parse(line)
@@ -381,16 +414,14 @@ class ApiServer:
             request_id = _request_id(request)
             if op == "subscribe":
                 self._subscribe(connection, request)
-                await connection.send({"id": request_id, "ok": True, "result": {}})
-                connection.subscribed.set()  # its events may go out now
-                return
+                return {"id": request_id, "ok": True, "result": {}}, True
             result = await self._service.call(op, request)
-            await connection.send({"id": request_id, "ok": True, "result": result})
+            return {"id": request_id, "ok": True, "result": result}, False
         except DlkeeperError as error:
-            await connection.send(_error_reply(request_id, error))
+            return _error_reply(request_id, error), False
         except Exception as error:  # the daemon answers, whatever went wrong
             log.exception("request failed")
-            await connection.send(_error_reply(request_id, error))
+            return _error_reply(request_id, error), False
 
     def _subscribe(self, connection: _Connection, params: dict[str, Any]) -> None:
         """Takes the connection's event feed from the service; its events follow the `ok`."""
@@ -412,6 +443,21 @@ class ApiServer:
             await connection.close()
 
 
+class _Request:
+    """A request line read and admitted, and the bytes held for it: its line, and what the
+    service adds while serving it."""
+
+    def __init__(self, line: bytes, held: HeldBytes) -> None:
+        self._line: bytes | None = line
+        self.held = held
+
+    def take_line(self) -> bytes:
+        """The line, which this object then no longer keeps."""
+        line, self._line = self._line, None
+        assert line is not None, "a request line is taken once"
+        return line
+
+
 class _Connection:
     """One client: its stream, a lock so lines never interleave, its requests in progress."""
 
@@ -421,22 +467,26 @@ class _Connection:
         self.feed: EventFeed | None = None
         self.subscribed = anyio.Event()
         self._in_progress = 0
+        self._requests: set[_Request] = set()
         self._done = anyio.Event()
         self._slots = anyio.Semaphore(MAX_IN_FLIGHT)
         self._send_lock = anyio.Lock()
 
     def spawn_request(
-        self, handle: Callable[[_Connection, bytes], Awaitable[None]], line: bytes
+        self, handle: Callable[[_Connection, _Request], Awaitable[None]], request: _Request
     ) -> None:
         self._in_progress += 1
-        self.tasks.start_soon(self._run_request, handle, line)
+        self._requests.add(request)
+        self.tasks.start_soon(self._run_request, handle, request)
 
     async def _run_request(
-        self, handle: Callable[[_Connection, bytes], Awaitable[None]], line: bytes
+        self, handle: Callable[[_Connection, _Request], Awaitable[None]], request: _Request
     ) -> None:
         try:
-            await handle(self, line)
+            await handle(self, request)
         finally:
+            request.held.release()
+            self._requests.discard(request)
             self._slots.release()
             self._in_progress -= 1
             if self._in_progress == 0:
@@ -446,6 +496,13 @@ class _Connection:
     async def request_slot(self) -> None:
         """Waits while MAX_IN_FLIGHT requests of this connection are in progress."""
         await self._slots.acquire()
+
+    def release_charges(self) -> None:
+        """Gives back the bytes held for every request that has not: a task cancelled before
+        it started never ran its own `finally`."""
+        for request in self._requests:
+            request.held.release()
+        self._requests.clear()
 
     async def requests_done(self) -> None:
         if self._in_progress:
