@@ -3,6 +3,14 @@
 Each mutating operation changes the state file first (its `ok` is sent only after the fsync),
 then the libtorrent session, then publishes its event. Bad input is refused with the contract's
 error code before anything changes.
+
+The .torrent bytes that adds hold (read from `torrent_path` or decoded from `torrent_b64`) are
+charged to one byte budget for the daemon (`TORRENT_BYTES_IN_FLIGHT`), measured before they are
+read, and given back with the request's line once it is answered (see supervisor.server):
+excess adds wait their turn rather than each holding its own copy at once. It is a budget apart
+from the server's for request lines because an add waits for it holding its download's change
+lock: the requests queued behind that lock hold line bytes, and in one budget they could keep
+the add they wait for from ever getting its turn.
 """
 
 from __future__ import annotations
@@ -12,10 +20,11 @@ import binascii
 import contextlib
 import functools
 import re
+import stat
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +35,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.atomic import read_small_file, write_file_atomically
+from actors.budget import ByteBudget, held_bytes
 from actors.bus import EventBus, Subscription
 from actors.downloads import completed_event, download_info, failed_event
 from actors.errors import (
@@ -72,6 +82,11 @@ _PEER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
 Priority = Annotated[int, Field(ge=0, le=7)]
 TaskIdParam = Annotated[str, Field(pattern=TASK_ID_PATTERN)]
 Metadata = dict[str, Any]
+
+# Bytes of .torrent files held by adds in progress, all connections together: the largest
+# .torrent accepted, which so never waits for more than the adds before it. Decoding one is
+# pure Python under the GIL, so more of them at once would not go faster, only take more room.
+TORRENT_BYTES_IN_FLIGHT = MAX_TORRENT_BYTES
 
 
 class Params(BaseModel):
@@ -126,6 +141,7 @@ class ApiService:
         self._bus = bus
         self._started = time.monotonic()
         self._download_root = config.download_path.resolve()  # resolved once, not per add
+        self._torrent_bytes = ByteBudget(TORRENT_BYTES_IN_FLIGHT)
         # Where dlkeeper keeps its own files: no payload may land there (the state folder too,
         # for a library_path inside download_path).
         layout = config.layout
@@ -363,14 +379,22 @@ class ApiService:
             info_hash = magnet_info_hash(params.magnet)
             names = parse_qs(urlsplit(params.magnet).query).get("dn", [])
             return _Source(info_hash, None, params.magnet, names[0] if names else info_hash, None)
+        # Charged before it is read or decoded, in one piece: a request that held some of the
+        # budget and waited for more could wait for another that does the same.
+        held = held_bytes()  # the server gives it back once the request is answered
         if params.torrent_b64 is not None:
+            await held.take(self._torrent_bytes, len(params.torrent_b64) // 4 * 3)
             try:
                 data = base64.b64decode(params.torrent_b64, validate=True)
             except (binascii.Error, ValueError):
                 raise BadRequest("torrent_b64 is not base64") from None
         else:
             assert params.torrent_path is not None
+            size = await anyio.to_thread.run_sync(_torrent_path_size, params.torrent_path)
+            await held.take(self._torrent_bytes, size)
             data = await anyio.to_thread.run_sync(_read_torrent_path, params.torrent_path)
+            if len(data) > size:  # it grew after it was measured: it is in memory all the same
+                held.take_nowait(self._torrent_bytes, len(data) - size)
             try:
                 return await anyio.to_thread.run_sync(_torrent_source, data)
             except InvalidTorrent:
@@ -570,12 +594,37 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _torrent_path_size(name: str) -> int:
+    """The bytes reading `torrent_path` will take (0 for what is no regular file, which the
+    read refuses), measured before it is read; raises the errors the read would."""
+    path = _absolute_torrent_path(name)
+    with _torrent_path_errors(name):
+        found = path.stat()
+    if not stat.S_ISREG(found.st_mode):
+        return 0
+    if found.st_size > MAX_TORRENT_BYTES:  # refused without reading it
+        raise InvalidTorrent(f"{path} is larger than {MAX_TORRENT_BYTES} bytes")
+    return found.st_size
+
+
 def _read_torrent_path(name: str) -> bytes:
+    path = _absolute_torrent_path(name)
+    with _torrent_path_errors(name):
+        return read_small_file(path, MAX_TORRENT_BYTES)
+
+
+def _absolute_torrent_path(name: str) -> Path:
     path = Path(name)
     if not path.is_absolute():
         raise BadRequest(f"torrent_path {name} is not an absolute path")
+    return path
+
+
+@contextlib.contextmanager
+def _torrent_path_errors(name: str) -> Iterator[None]:
+    """A `torrent_path` that cannot be used, as the contract's errors."""
     try:
-        return read_small_file(path, MAX_TORRENT_BYTES)
+        yield
     except FileNotFoundError:
         raise BadRequest(f"torrent_path {name} does not exist") from None
     except OSError as exc:
