@@ -12,7 +12,6 @@ is `serving()`, code the request runs finds it with `held_bytes()` and adds to i
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections import deque
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -20,11 +19,6 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.lowlevel
-
-# Bytes given back between two collections of reference cycles (see `HeldBytes.release`): the
-# most that garbage may keep of them uncharged. A collection takes milliseconds; reading and
-# decoding this many bytes of .torrent takes longer.
-COLLECT_EVERY = 4 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -123,13 +117,8 @@ class HeldBytes:
         self._held[budget] = self._held.get(budget, 0) + size
 
     def release(self) -> None:
-        """Gives everything back; again, nothing more. Bytes go back once they are freed: a
-        reference cycle (an exception's traceback holds the frames it passed through, and an
-        actor's reply holds the exception) can keep the frames that held them alive until the
-        cycle collector runs, which Python does seldom; so it runs here, whenever
-        COLLECT_EVERY bytes have been given back since it last ran."""
+        """Gives everything back; again, nothing more."""
         held, self._held = self._held, {}
-        _collector.released(sum(held.values()))
         for budget, size in held.items():
             budget.release(size)
 
@@ -143,18 +132,6 @@ class HeldBytes:
             _serving.reset(token)
 
 
-class _CycleCollector:
-    def __init__(self) -> None:
-        self._since = 0  # bytes given back since the last collection
-
-    def released(self, size: int) -> None:
-        self._since += size
-        if self._since >= COLLECT_EVERY:
-            self._since = 0
-            gc.collect()
-
-
-_collector = _CycleCollector()
 _serving: ContextVar[HeldBytes] = ContextVar("held_bytes")
 
 

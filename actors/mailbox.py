@@ -67,9 +67,16 @@ class Reply:
 
     async def wait(self) -> object:
         await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
+        error, self._error = self._error, None
+        if error is None:
+            return self._value
+        # Neither this reply nor this frame keeps the error: its traceback holds the asker's
+        # frames, and a cycle through them would keep what they hold (a request's .torrent,
+        # say) until the cycle collector happens to run.
+        try:
+            raise error
+        finally:
+            del error
 
 
 @dataclass(frozen=True, slots=True)
