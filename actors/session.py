@@ -150,6 +150,7 @@ class SessionActor(Actor[SessionCommand]):
             task_group.start_soon(self._save_resume_data_periodically)
             async for envelope in inbox:
                 task_group.start_soon(self._serve, envelope.message, envelope.asked())
+                del envelope  # not kept until the next command: an add's holds its .torrent
             await self._shut_down()
             task_group.cancel_scope.cancel()
 
