@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -21,6 +22,7 @@ from actors.errors import (
     RestartIntensityExceeded,
     first_dlkeeper_error,
 )
+from actors.messages.persistence import RecordChanges
 from actors.messages.session import (
     DownloadErrored,
     DownloadFinished,
@@ -29,8 +31,10 @@ from actors.messages.session import (
     WorkerRestarted,
 )
 from actors.metainfo import torrent_info_hash
-from actors.state import DownloadStatus
-from tests.sessions import Library, resume_progress, running_session
+from actors.state import DownloadStatus, MigrationContext
+from actors.statefile import StateStore
+from tests.records import make_record
+from tests.sessions import DEADLINE, Library, resume_progress, running_session
 from tests.swarm import Seeder, seeding
 from tests.torrents import Payload, make_payload
 
@@ -436,3 +440,50 @@ async def test_a_command_sent_while_its_download_is_being_added_waits_for_the_ad
             both.start_soon(running.session.pause, "racing")
         (status,) = await running.session.status("racing")
         assert not status.auto_managed and status.paused
+
+
+async def test_a_change_saved_after_a_restarts_replay_began_reaches_the_new_worker(
+    library: Library, tmp_path: Path
+) -> None:
+    # A replay reads every download's .torrent before it adds any; these name a large one of
+    # another torrent (each is read, hashed, then passed over for the magnet), so the new
+    # worker is not ready for longer than request_timeout. A pause saved meanwhile met no
+    # ready worker (`not_ready`) and, not in the replay's snapshot, was never applied.
+    other = tmp_path / "other.torrent"
+    pieces = 1_500_000
+    info = b"d6:lengthi%de4:name5:o.bin12:piece lengthi16384e6:pieces%d:" % (
+        pieces * 16384,
+        pieces * 20,
+    )
+    other.write_bytes(b"d4:info" + info + os.urandom(pieces * 20) + b"ee")
+    records = {
+        f"s{number:02d}": make_record(f"s{number:02d}", DownloadStatus.QUEUED).model_copy(
+            update={"torrent_file_path": str(other), "save_path": str(library.download_dir)}
+        )
+        for number in range(24)
+    }
+    store = StateStore(library.state_dir, MigrationContext(download_path=library.download_dir))
+    store.acquire_lock()
+    try:
+        store.write(records)
+    finally:
+        store.release_lock()
+    async with running_session(library, request_timeout=0.5) as running:
+        first = (await running.session.stats()).worker_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        with anyio.fail_after(DEADLINE):
+            while True:  # until the new worker is up: then its replay has taken its snapshot
+                if (await running.session.stats()).worker_pid not in (None, first):
+                    break
+                await anyio.sleep(0.005)
+        await running.persistence.update("s00", RecordChanges(status=DownloadStatus.PAUSED))
+        with pytest.raises(NotReady):
+            await running.session.pause("s00")
+        with anyio.fail_after(DEADLINE):
+            while True:
+                with contextlib.suppress(NotReady):
+                    (status,) = await running.session.status("s00")
+                    break
+                await anyio.sleep(0.05)
+        assert not status.auto_managed  # paused, as saved
