@@ -298,7 +298,7 @@ class _Connection:
             # Not tied to a request (a line the daemon could not read): remembered in case the
             # daemon hangs up next, so the requests that fail then say why.
             self._error_without_id = reply.error
-            log.warning("dlkeeper: %s: %s", reply.error.code, reply.error.message)
+            log.warning("the daemon says %s: %s", reply.error.code, reply.error.message)
         else:
             log.debug("dropping a reply to request %r, which no one awaits any more", reply.id)
         return None
