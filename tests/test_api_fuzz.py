@@ -12,22 +12,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.daemons import Daemon, RawClient, layout_of, running_daemon, write_config
+from tests.daemons import (
+    CONTRACT_ERROR_CODES,
+    Daemon,
+    RawClient,
+    layout_of,
+    running_daemon,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
-CODES = {
-    "bad_request",
-    "unknown_op",
-    "not_found",
-    "invalid_torrent",
-    "invalid_magnet",
-    "path_not_allowed",
-    "duplicate",
-    "too_large",
-    "not_ready",
-    "internal",
-}
+CODES = CONTRACT_ERROR_CODES
 OPS = ["ping", "add", "get", "list", "pause", "resume", "cancel", "set_files", "ack", "stats"]
 PARAMS = [
     "magnet",

@@ -50,26 +50,12 @@ from hypothesis.stateful import (
 
 from actors.layout import Layout
 from tests.api import b64
-from tests.daemons import DEADLINE, Daemon, RawClient, layout_of, write_config
+from tests.daemons import CONTRACT_ERROR_CODES, DEADLINE, Daemon, RawClient, layout_of, write_config
 from tests.torrents import Payload, make_payload
 
 pytestmark = pytest.mark.timeout(180)
 
-CODES = frozenset(
-    {
-        "bad_request",
-        "unknown_op",
-        "not_found",
-        "invalid_torrent",
-        "invalid_magnet",
-        "path_not_allowed",
-        "duplicate",
-        "too_large",
-        "not_ready",
-        "no_space",
-        "internal",
-    }
-)
+CODES = CONTRACT_ERROR_CODES
 ACTIVE_LISTED = frozenset({"queued", "checking", "downloading"})  # a saved queued/downloading
 DEFAULT_PRIORITY = 4  # libtorrent's, which `get` shows for a download added without priorities
 # Files per payload: 1 to 3 files, a few KiB each (a single-file torrent and a folder both).
