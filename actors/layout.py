@@ -50,6 +50,18 @@ class Layout:
     def resume_path(self, task_id: str) -> Path:
         return self.torrents_dir / f"{task_id}.fastresume"
 
+    def leftover_temporaries(self) -> list[Path]:
+        """The temporary files of .torrent and .fastresume writes a crash left behind
+        (`.<task_id>.fastresume.<random>.tmp`, as `actors.atomic` names them)."""
+        if not self.torrents_dir.is_dir():
+            return []
+        return [
+            path
+            for pattern in (".*.torrent.*.tmp", ".*.fastresume.*.tmp")
+            for path in self.torrents_dir.glob(pattern)
+            if path.is_file() and not path.is_symlink()
+        ]
+
 
 @dataclass(frozen=True)
 class ReplayTorrent:

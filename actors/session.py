@@ -143,6 +143,16 @@ class SessionActor(Actor[SessionCommand]):
         self._worker_events_send = events_send
         self._worker_events = events_receive
 
+    async def on_start(self) -> None:
+        # A crash mid-write leaves `.<task_id>.fastresume.<random>.tmp` behind: nobody's now.
+        leftovers = await anyio.to_thread.run_sync(self._options.layout.leftover_temporaries)
+        for path in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                await anyio.to_thread.run_sync(path.unlink)
+        if leftovers:
+            names = ", ".join(path.name for path in leftovers)
+            log.info("removed temporary files a crash left in %s: %s", leftovers[0].parent, names)
+
     async def run(self, inbox: MemoryObjectReceiveStream[Envelope[SessionCommand]]) -> None:
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._keep_worker_running)

@@ -497,3 +497,19 @@ async def test_a_change_saved_after_a_restarts_replay_began_reaches_the_new_work
                     break
                 await anyio.sleep(0.05)
         assert not status.auto_managed  # paused, as saved
+
+
+async def test_temporary_files_a_crash_left_in_the_torrents_folder_are_removed_at_start(
+    library: Library,
+) -> None:
+    library.torrents_dir.mkdir(parents=True)
+    leftovers = [
+        library.torrents_dir / ".k1.fastresume.x8f2k1.tmp",
+        library.torrents_dir / ".k1.torrent.q9zz0a.tmp",
+    ]
+    kept = [library.torrents_dir / "k1.fastresume", library.torrents_dir / ".notes.tmp"]
+    for path in leftovers + kept:
+        path.write_bytes(b"half written")
+    async with running_session(library):
+        assert [path for path in leftovers if path.exists()] == []
+        assert all(path.exists() for path in kept)  # only what dlkeeper's writes leave
