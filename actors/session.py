@@ -327,24 +327,23 @@ class SessionActor(Actor[SessionCommand]):
             record: DownloadRecord | None = await self._persistence.get(task_id)
         except NotFound:
             record = None
+        commands: list[SessionCommand] = []
         if record is None:  # cancelled or acked: out of libtorrent, files included
-            await self._remove(worker, RemoveDownload(task_id=task_id))
-            return
-        if record.status not in ACTIVE_STATUSES:
-            return
-        await self._add(worker, record, await anyio.to_thread.run_sync(self._read_source, record))
-        # Present already, the add changed nothing: the saved pause state and priorities now.
-        timeout = self._options.request_timeout
-        toggle = PauseTorrent if record.status is DownloadStatus.PAUSED else ResumeTorrent
-        await worker.request(lambda i: toggle(id=i, task_id=task_id), timeout, DoneReply)
-        if record.file_priorities:
-            await worker.request(
-                lambda i: SetTorrentFiles(
-                    id=i, task_id=task_id, file_priorities=record.file_priorities
-                ),
-                timeout,
-                FilePrioritiesReply,
+            commands.append(RemoveDownload(task_id=task_id))
+        elif record.status in ACTIVE_STATUSES:
+            # An add changes nothing of one present already: its pause state and priorities
+            # as saved, too.
+            paused = record.status is DownloadStatus.PAUSED
+            commands.append(AddDownload(record=record))
+            commands.append(
+                PauseDownload(task_id=task_id) if paused else ResumeDownload(task_id=task_id)
             )
+            if record.file_priorities:
+                commands.append(
+                    SetDownloadFiles(task_id=task_id, file_priorities=record.file_priorities)
+                )
+        for command in commands:
+            await self._execute_on(worker, command)
 
     def _read_sources(self, records: list[DownloadRecord]) -> dict[str, _Sources]:
         return {record.task_id: self._read_source(record) for record in records}
