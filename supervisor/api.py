@@ -300,14 +300,8 @@ class ApiService:
     async def cancel(self, params: CancelParams) -> EmptyResult:
         task_id = params.task_id
         async with self._changing(task_id):
-            try:
-                await self._persistence.remove(task_id)
-            except NotFound:
-                # Perhaps a cancel saved whose removal from libtorrent never happened: do it.
-                await self._session.remove(task_id, delete_files=params.delete_files)
-                raise
+            await self._forget(self._persistence.remove(task_id), task_id, params.delete_files)
             self._bus.publish(lambda seq: DownloadRemovedEvent(seq=seq, task_id=task_id))
-            await self._session.remove(task_id, delete_files=params.delete_files)
             return EmptyResult()
 
     async def set_files(self, params: SetFilesParams) -> DownloadInfo:
@@ -330,12 +324,7 @@ class ApiService:
     async def ack(self, params: TaskParams) -> EmptyResult:
         task_id = params.task_id
         async with self._changing(task_id):
-            try:
-                await self._persistence.ack(task_id)
-            except NotFound:
-                await self._session.remove(task_id)  # an ack saved but never applied
-                raise
-            await self._session.remove(task_id)
+            await self._forget(self._persistence.ack(task_id), task_id)
             return EmptyResult()
 
     def subscribe(self, params: dict[str, Any]) -> EventFeed:
@@ -463,6 +452,19 @@ class ApiService:
             with contextlib.suppress(NotFound):
                 await self._persistence.remove(record.task_id)
             raise
+
+    async def _forget(
+        self, saved: Awaitable[object], task_id: str, delete_files: bool = False
+    ) -> None:
+        """Takes a download out of the state file (`saved`: the remove or ack), then out of
+        libtorrent. Also when the state file no longer has it (`not_found`, raised after): a
+        cancel or ack saved before whose removal from libtorrent never happened is done now."""
+        try:
+            await saved
+        except NotFound:
+            await self._session.remove(task_id, delete_files=delete_files)
+            raise
+        await self._session.remove(task_id, delete_files=delete_files)
 
     async def _apply(self, record: DownloadRecord, change: Awaitable[None]) -> None:
         """Applies a saved change to libtorrent. A download libtorrent does not have (its add
