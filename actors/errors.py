@@ -163,6 +163,10 @@ class ConfigError(DlkeeperError):
         self.reason = reason
 
 
+class SocketInUse(DlkeeperError):
+    """Another process answers on the socket path (or may): `serve` exits 1 naming the path."""
+
+
 # --- actors -------------------------------------------------------------------------------------
 
 

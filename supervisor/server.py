@@ -40,7 +40,15 @@ from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, 
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from actors.budget import ByteBudget, HeldBytes
-from actors.errors import BadRequest, ConfigError, DlkeeperError, NotReady, TooLarge, error_body
+from actors.errors import (
+    BadRequest,
+    ConfigError,
+    DlkeeperError,
+    NotReady,
+    SocketInUse,
+    TooLarge,
+    error_body,
+)
 from supervisor.api import ApiService, EventFeed
 
 log = logging.getLogger(__name__)
@@ -71,10 +79,6 @@ ACCEPT_RETRY_MAX = 1.0
 PROBE_TIMEOUT = 1.0
 # How long opening or removing the socket waits for another daemon doing the same.
 FOLDER_LOCK_TIMEOUT = 5.0
-
-
-class SocketInUse(DlkeeperError):
-    """Another process answers on the socket path (or may): `serve` exits 1 naming the path."""
 
 
 @dataclass(frozen=True)
