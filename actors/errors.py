@@ -218,6 +218,11 @@ class RestartIntensityExceeded(DlkeeperError):
 # --- the state file -----------------------------------------------------------------------------
 
 
+class StorageMissing(DlkeeperError):
+    """`library_path` or `download_path` is not there (a drive not mounted, say): dlkeeper never
+    creates them, so `serve` exits 4 naming the path, and systemd tries again later."""
+
+
 class StateError(DlkeeperError):
     """A problem with `downloads.json` or its lock."""
 

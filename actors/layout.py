@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from actors.atomic import read_small_file
-from actors.errors import DlkeeperError
+from actors.errors import DlkeeperError, StorageMissing
 from actors.metainfo import MAX_TORRENT_BYTES, torrent_info_hash
 
 if TYPE_CHECKING:
@@ -49,6 +49,20 @@ class Layout:
 
     def resume_path(self, task_id: str) -> Path:
         return self.torrents_dir / f"{task_id}.fastresume"
+
+    def missing_storage(self) -> StorageMissing | None:
+        """Which of library_path and download_path is not there: dlkeeper never creates them
+        (CONTRACT.md section 3), so an unmounted drive is said, not papered over."""
+        for key, path in (
+            ("library_path", self.library_path),
+            ("download_path", self.download_path),
+        ):
+            if not path.is_dir():
+                what = "is not a folder" if path.exists() else "does not exist"
+                return StorageMissing(
+                    f"{key} {path} {what} (is its drive mounted?); dlkeeper never creates it"
+                )
+        return None
 
     def leftover_temporaries(self) -> list[Path]:
         """The temporary files of .torrent and .fastresume writes a crash left behind

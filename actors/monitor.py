@@ -32,6 +32,7 @@ from actors.messages.session import (
     WorkerRestarted,
 )
 from actors.persistence import Persistence
+from actors.problems import Problems
 from actors.state import ACTIVE_STATUSES, DownloadStatus
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ class MonitorActor(Actor[None]):
         persistence: Persistence,
         events: MemoryObjectReceiveStream[SessionEvent],
         bus: EventBus | None = None,
+        problems: Problems | None = None,
     ) -> None:
         self._persistence = persistence
+        self._problems = problems or Problems()
         self._events = events
         self._bus = bus
 

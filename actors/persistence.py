@@ -44,6 +44,7 @@ from actors.messages.persistence import (
     StateMutation,
     UpdateRecord,
 )
+from actors.problems import Problems
 from actors.state import FINISHED_STATUSES, DownloadRecord, DownloadStatus, storing_problem
 from actors.statefile import LoadReport, StateStore
 
@@ -167,8 +168,9 @@ class PersistenceActor(Actor[PersistenceCommand]):
 
     name = "persistence"
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, problems: Problems | None = None) -> None:
         self._store = store
+        self._problems = problems or Problems()
         self._committed: dict[str, DownloadRecord] = {}
         self._working: dict[str, DownloadRecord] = {}
         self._index = HashIndex({})

@@ -84,6 +84,7 @@ from actors.messages.worker import (
 )
 from actors.metainfo import torrent_name
 from actors.persistence import Persistence
+from actors.problems import Problems
 from actors.state import ACTIVE_STATUSES, DownloadRecord, DownloadStatus
 from actors.worker_process import WORKER_COMMAND, WorkerProcess, spawn_worker
 
@@ -123,8 +124,10 @@ class SessionActor(Actor[SessionCommand]):
         options: SessionOptions,
         persistence: Persistence,
         publish: MemoryObjectSendStream[SessionEvent],
+        problems: Problems | None = None,
     ) -> None:
         self._options = options
+        self._problems = problems or Problems()
         self._persistence = persistence
         self._publish = publish
         self._worker: WorkerProcess | None = None

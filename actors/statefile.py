@@ -99,7 +99,7 @@ class StateStore:
         """Takes the library's state lock, or raises `StateLocked` at once if another holds it
         (`StateError` when the state folder cannot be made or written)."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(exist_ok=True)  # library_path itself: never (CONTRACT.md 3)
             self._lock.acquire(timeout=0)
         except filelock.Timeout:
             raise StateLocked(self.lock_path) from None

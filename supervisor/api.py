@@ -72,6 +72,7 @@ from actors.messages.wire import (
 from actors.messages.worker import TorrentStatus
 from actors.metainfo import MAX_TORRENT_BYTES, magnet_info_hash, read_torrent
 from actors.persistence import Persistence
+from actors.problems import Problems
 from actors.session import Session
 from actors.state import ACTIVE_STATUSES, TASK_ID_PATTERN, DownloadRecord, DownloadStatus
 from supervisor import __version__
@@ -134,8 +135,10 @@ class ApiService:
         persistence: Persistence,
         session: Session,
         bus: EventBus,
+        problems: Problems | None = None,
     ) -> None:
         self._config = config
+        self._problems = problems or Problems()
         self._persistence = persistence
         self._session = session
         self._bus = bus
@@ -641,5 +644,5 @@ def _torrent_source(data: bytes) -> _Source:
 
 
 def _keep_torrent(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # torrents/; download_path itself: never (CONTRACT.md 3)
     write_file_atomically(path, data)

@@ -9,15 +9,18 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 
 from actors.bus import EventBus
-from actors.errors import DlkeeperError
+from actors.errors import DlkeeperError, StorageMissing
+from actors.layout import Layout
 from actors.mailbox import actor_group
 from actors.messages.session import SessionEvent
 from actors.monitor import MonitorActor
 from actors.persistence import Persistence, PersistenceActor
+from actors.problems import Problems
 from actors.session import Session, SessionActor, SessionOptions
 from actors.state import MigrationContext
 from actors.statefile import StateStore
@@ -44,24 +47,26 @@ async def run_daemon(config: Config) -> None:
             stop = _StopRequest()
             daemon.start_soon(_watch_signals, signals, stop)
             async with actor_group(stop_timeout=config.shutdown_timeout + 10) as actors:
-                # 1. The config is loaded and valid (the caller did that, exit 2 otherwise).
+                # 1. The config is loaded and valid (the caller did that, exit 2 otherwise), and
+                #    its storage is there: a drive not mounted is said, never papered over.
+                missing = config.layout.missing_storage()
+                if missing is not None:
+                    raise missing
+                problems = Problems()
                 # 2. Take the state lock and load downloads.json: quarantine, backup, migration.
                 store = StateStore(
                     config.layout.state_dir, MigrationContext(download_path=config.download_path)
                 )
-                persistence = Persistence(await actors.start(PersistenceActor(store)))
+                persistence = Persistence(await actors.start(PersistenceActor(store, problems)))
                 # Another daemon (of another library) answering on our socket path: said now,
                 # not after a replay that would start this library's downloads for nothing.
                 await check_socket_free(config.socket)
                 # 3. Start the libtorrent worker and replay every queued, downloading and
                 #    paused download into it. What libtorrent reports meanwhile waits in `events`.
-                try:
-                    config.layout.torrents_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise DlkeeperError(f"cannot use download_path: {exc}") from None
+                await _make_torrents_dir(config.layout, persistence)
                 publish, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
                 options = session_options(config)
-                session_actor = SessionActor(options, persistence, publish)
+                session_actor = SessionActor(options, persistence, publish, problems)
                 session = Session(await actors.start(session_actor))
                 # A stop asked for during the replay is carried out now, not after it: leaving
                 # the actor group ends the replay (the worker is closed).
@@ -74,9 +79,9 @@ async def run_daemon(config: Config) -> None:
                 else:
                     # 4. Only now handle completions (the ones reported during the replay first).
                     bus = EventBus()
-                    await actors.start(MonitorActor(persistence, events, bus))
+                    await actors.start(MonitorActor(persistence, events, bus, problems))
                     # 5. Open the socket, then tell systemd we are ready.
-                    service = ApiService(config, persistence, session, bus)
+                    service = ApiService(config, persistence, session, bus, problems)
                     server = ApiServer(service)
                     async with anyio.create_task_group() as serving:
                         await serving.start(server.serve, config.socket)
@@ -109,6 +114,31 @@ async def run_daemon(config: Config) -> None:
                 # resume data, bounded by shutdown_timeout), then persistence (the lock).
             daemon.cancel_scope.cancel()
     log.info("stopped cleanly")
+
+
+async def _make_torrents_dir(layout: Layout, persistence: Persistence) -> None:
+    """Makes `{download_path}/torrents/` when it is missing, unless the state says downloads
+    keep their .torrent there: then the folder found is not the one they were added to (the
+    mount point of a drive not mounted, say), and starting on it would lose them."""
+    if layout.torrents_dir.is_dir():
+        return
+    snapshot = await persistence.snapshot()
+    kept_there = [
+        record
+        for record in snapshot.values()
+        if record.torrent_file_path is not None
+        and Path(record.torrent_file_path).parent == layout.torrents_dir
+    ]
+    if kept_there:
+        raise StorageMissing(
+            f"{layout.torrents_dir} does not exist, yet {len(kept_there)} download"
+            f"{'' if len(kept_there) == 1 else 's'} keep their .torrent there: is the drive of "
+            f"download_path {layout.download_path} mounted?"
+        )
+    try:
+        layout.torrents_dir.mkdir(exist_ok=True)  # download_path itself: never
+    except OSError as exc:
+        raise DlkeeperError(f"cannot use download_path: {exc}") from None
 
 
 @dataclass

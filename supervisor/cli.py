@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from actors.errors import ConfigError, StateLocked, first_dlkeeper_error
+from actors.errors import ConfigError, StateLocked, StorageMissing, first_dlkeeper_error
 from actors.messages.wire import MAX_PROGRESS_INTERVAL, MIN_PROGRESS_INTERVAL
 from supervisor import __version__, exits
 from supervisor.config import PathFlags, load_config
@@ -284,6 +284,8 @@ def _exit_status(exc: BaseException) -> int:
     print(f"dlkeeper: {error}", file=sys.stderr)
     if isinstance(error, ConfigError):
         return exits.CONFIG
+    if isinstance(error, StorageMissing):
+        return exits.STORAGE_MISSING
     return exits.LOCKED if isinstance(error, StateLocked) else exits.FAILURE
 
 

@@ -23,6 +23,7 @@ DEFAULT_LIBRARY_PATH = Path("/srv/media")
 DEFAULT_SOCKET = Path("/run/dlkeeper/api.sock")
 # sun_path is 108 bytes with its terminating NUL (Linux).
 MAX_SOCKET_PATH_BYTES = 107
+DEFAULT_MIN_FREE_BYTES = 1 << 30  # 1 GiB
 
 LibtorrentValue = str | int | bool
 
@@ -37,6 +38,8 @@ class ConfigFile(BaseModel):
     socket: str | None = Field(default=None, min_length=1)
     resume_save_interval: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     shutdown_timeout: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    min_free_bytes: int = Field(default=DEFAULT_MIN_FREE_BYTES, ge=0)
+    stall_timeout: float = Field(default=1800.0, ge=0, allow_inf_nan=False)
     libtorrent: dict[str, LibtorrentValue] = Field(default_factory=dict)
 
 
@@ -49,6 +52,8 @@ class Config:
     socket: Path = DEFAULT_SOCKET
     resume_save_interval: float = 60.0
     shutdown_timeout: float = 5.0
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES  # kept free on download_path's file system
+    stall_timeout: float = 1800.0  # seconds without payload bytes: stalled (0: never)
     libtorrent: Mapping[str, LibtorrentValue] = field(default_factory=dict)
     source: Path | None = None  # the config file read, if any
 
@@ -102,6 +107,8 @@ def load_config(flags: PathFlags, environ: Mapping[str, str] | None = None) -> C
         socket=socket,
         resume_save_interval=values.resume_save_interval,
         shutdown_timeout=values.shutdown_timeout,
+        min_free_bytes=values.min_free_bytes,
+        stall_timeout=values.stall_timeout,
         libtorrent=dict(values.libtorrent),
         source=_absolute(source, Path.cwd()) if source is not None else None,
     )

@@ -250,7 +250,11 @@ def write_config(folder: Folder) -> Path:
         "socket": str(folder.api_socket),
         "resume_save_interval": RESUME_SAVE_INTERVAL,
         "shutdown_timeout": 5,
+        # The demo's payload is a few MiB: it runs on a nearly full disk too.
+        "min_free_bytes": 0,
     }
+    # The operator makes these (dlkeeper never makes library_path or download_path).
+    (folder.library / "downloads").mkdir(parents=True, exist_ok=True)
     lines = [f"{key} = {_toml(value)}" for key, value in keys.items()]
     lines += ["", "[libtorrent]"]
     lines += [f"{key} = {_toml(value)}" for key, value in LOOPBACK_SETTINGS.items()]

@@ -8,6 +8,7 @@ OK = 0
 FAILURE = 1  # also: `dlkeeper-state check` found problems, `remove` of an unknown id
 CONFIG = 2  # a bad config file, flag or environment variable; a usage error
 LOCKED = 3  # another daemon holds the state lock
+STORAGE_MISSING = 4  # library_path or download_path is not there (a drive not mounted)
 
 INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C of a one-shot command or the demo: 130
 TERMINATED = 128 + signal.SIGTERM  # the daemon's second signal while stopping: 143

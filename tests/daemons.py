@@ -52,14 +52,24 @@ def write_config(
     *,
     socket_path: Path | None = None,
     libtorrent: dict[str, str | int | bool] | None = None,
+    make_folders: bool = True,
     **keys: str | int | bool | float,
 ) -> Path:
     """A config file for a daemon that only ever touches 127.0.0.1.
 
     The socket goes in a short temporary folder unless given: a Unix socket path is limited
-    to 107 bytes, and pytest's folders are long.
+    to 107 bytes, and pytest's folders are long. The library and download folders are made, as
+    an operator would (the daemon never makes them), unless `make_folders=False`;
+    `min_free_bytes` is 0 unless given, so that no test depends on the machine's free space.
     """
     socket_path = socket_path or Path(tempfile.mkdtemp(prefix="dk")) / "api.sock"
+    keys = {"min_free_bytes": 0, **keys}
+    if make_folders:
+        library.mkdir(parents=True, exist_ok=True)
+        download_path = keys.get("download_path")
+        Path(str(download_path) if download_path else library / "downloads").mkdir(
+            parents=True, exist_ok=True
+        )
     settings = {**LOOPBACK_SETTINGS, **(libtorrent or {})}
     lines = [f"library_path = {_toml(str(library))}", f"socket = {_toml(str(socket_path))}"]
     lines += [f"{key} = {_toml(value)}" for key, value in keys.items()]

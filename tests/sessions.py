@@ -38,6 +38,10 @@ class Library:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        # The operator makes these; the daemon never does (CONTRACT.md section 3).
+        self.layout.download_path.mkdir(parents=True, exist_ok=True)
+
     @property
     def layout(self) -> Layout:
         return Layout(library_path=self.root, download_path=self.root / "downloads")

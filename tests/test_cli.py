@@ -32,6 +32,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     """A running daemon on a library that holds one download, `seeded-1`."""
+    (tmp_path / "library").mkdir(exist_ok=True)
     store = StateStore(tmp_path / "library" / "data", MigrationContext(tmp_path / "dl"))
     store.acquire_lock()
     store.write({"seeded-1": make_record("seeded-1")})
@@ -101,6 +102,7 @@ def test_sigterm_stops_the_daemon_with_status_0_and_releases_the_lock(
     tmp_path: Path, daemon: Daemon
 ) -> None:
     assert daemon.stop() == 0
+    (tmp_path / "library").mkdir(exist_ok=True)
     store = StateStore(tmp_path / "library" / "data", MigrationContext(tmp_path / "dl"))
     store.acquire_lock()  # would raise StateLocked if the daemon had kept it
     store.release_lock()
