@@ -141,8 +141,7 @@ def run_dlkeeper(root: Path, payload: Payload, seeder: Seeder, deadline: float) 
 
 
 def run_raw(root: Path, payload: Payload, seeder: Seeder, deadline: float) -> Download:
-    library = Library(root)  # only for its download folder
-    library.download_dir.mkdir(parents=True)
+    library = Library(root)  # only for its download folder, which it makes
     session = bare_session()
     try:
         params = add_params(payload, library.download_dir, seeder)
