@@ -740,30 +740,6 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path, library: Library) -> 
     ]
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("folder", ["library_path", "download_path"])
-def test_a_folder_that_cannot_be_made_exits_1_in_one_line_naming_it(
-    tmp_path: Path, folder: str
-) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    library = tmp_path / "library"
-    unusable = blocker / "below"
-    if folder == "library_path":
-        config = write_config(tmp_path / "config", unusable)
-    else:
-        config = write_config(tmp_path / "config", library, download_path=str(unusable))
-
-    result = serve(config)
-
-    assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "ERROR" in line or "dlkeeper:" in line]
-    assert any(str(unusable) in line and "Not a directory" in line for line in errors), (
-        result.stderr
-    )
-    assert "Traceback" not in result.stderr
-
-
 # --- systemd --------------------------------------------------------------------------------------
 
 
