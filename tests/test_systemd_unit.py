@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import exits
 from supervisor.config import Config
 from tests.daemons import DEADLINE, Daemon, write_config
 from tests.swarm import seeding
@@ -142,6 +143,16 @@ def test_the_watchdog_is_on() -> None:
 
 def test_a_bad_config_or_a_held_lock_is_not_restarted_in_a_loop() -> None:
     assert set(one("Service.RestartPreventExitStatus").split()) == {"2", "3"}
+
+
+def test_the_unit_waits_for_the_drives_and_retries_a_missing_one() -> None:
+    # RequiresMountsFor= orders the start after the mounts of both folders; exit 4 (a folder
+    # missing, its drive not mounted yet) is restarted, not given up on.
+    mounts = [Path(path) for path in one("Unit.RequiresMountsFor").split()]
+    defaults = Config()
+    for needed in (defaults.library_path, defaults.download_path):
+        assert needed in mounts, needed
+    assert str(exits.STORAGE_MISSING) not in one("Service.RestartPreventExitStatus").split()
 
 
 def test_the_address_families_are_unix_ip_and_netlink_only() -> None:
