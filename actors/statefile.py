@@ -7,6 +7,7 @@ it directly. Everything that writes the state file, daemon or script, goes throu
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Mapping
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 _TEMP_PREFIX = f".{STATE_FILE_NAME}."
 _TEMP_SUFFIX = ".tmp"
+# What os.link raises where a file system has no hard links (FAT and exFAT say EPERM).
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
+)
 
 
 def utc_stamp() -> str:
@@ -69,6 +74,7 @@ class StateStore:
     migration: MigrationContext
     _lock: filelock.FileLock = field(init=False)
     _encoded: dict[str, tuple[DownloadRecord, bytes]] = field(default_factory=dict, init=False)
+    _hard_links: bool = field(default=True, init=False)  # until the file system says otherwise
 
     def __post_init__(self) -> None:
         self._lock = filelock.FileLock(self.lock_path, thread_local=False)
@@ -200,7 +206,7 @@ class StateStore:
 
     # --- writing --------------------------------------------------------------------------------
 
-    def write(self, downloads: Mapping[str, DownloadRecord]) -> None:
+    def write(self, downloads: Mapping[str, DownloadRecord], *, keep_backup: bool = True) -> None:
         """Makes `downloads` the state on disk, durably, keeping the previous file as `.bak`.
 
         Crash safety, step by step:
@@ -209,7 +215,8 @@ class StateStore:
         2. `.bak` becomes a hard link to the current `downloads.json`: link to a temporary name,
            then rename over `.bak`. A rename is atomic, so `.bak` always names either the old
            backup or the previous state, both complete files; a link copies no data and keeps
-           the previous file's inode alive after step 3.
+           the previous file's inode alive after step 3. Where the file system has no hard
+           links (FAT, exFAT), `.bak` becomes a fsynced copy instead, renamed the same way.
         3. The temporary file is renamed over `downloads.json`: the name always points at a
            complete state, old or new, never at a partial one.
         4. The folder is fsynced, which makes the renames durable. Only then does a caller
@@ -217,13 +224,20 @@ class StateStore:
            on its own (journals need not keep their order), which leaves each name on a
            complete file (the previous state or the new one), and nothing acknowledged is lost.
 
-        Raises `OSError` when the disk refuses (ENOSPC, EIO); the state on disk is then unchanged.
+        `keep_backup=False` skips step 2: for the rewrite after a failed write, when
+        `downloads.json` may hold the state that failed, which must not become the backup.
+
+        Raises `OSError` when the disk refuses (ENOSPC, EIO). Which step failed is not said:
+        the state on disk may then be the previous one or the new one (a failed folder fsync
+        comes after the rename), so the caller writes what it holds again before it trusts
+        the disk.
         """
         self._require_lock()
         data = encode_entries(self._encode_each(downloads))
         temporary = write_temporary(self.directory, data, prefix=_TEMP_PREFIX)
         try:
-            self._link_backup()
+            if keep_backup:
+                self._keep_backup()
             temporary.replace(self.path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -246,15 +260,37 @@ class StateStore:
         self._encoded = cache
         return lines
 
-    def _link_backup(self) -> None:
-        link = self._backup_link_path
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
+    def _keep_backup(self) -> None:
+        if self._hard_links:
+            link = self._backup_link_path
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            try:
+                os.link(self.path, link)
+            except FileNotFoundError:
+                return  # no previous state to keep
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                log.info("state: %s has no hard links; .bak is kept as a copy", self.directory)
+                self._hard_links = False
+            else:
+                link.replace(self.backup_path)
+                return
+        self._copy_backup()
+
+    def _copy_backup(self) -> None:
         try:
-            os.link(self.path, link)
+            current = self.path.read_bytes()
         except FileNotFoundError:
             return  # no previous state to keep
-        link.replace(self.backup_path)
+        copy = write_temporary(self.directory, current, prefix=_TEMP_PREFIX)
+        try:
+            copy.replace(self.backup_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                copy.unlink()
+            raise
 
     def _require_lock(self) -> None:
         if not self._lock.is_locked:
