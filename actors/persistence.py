@@ -6,12 +6,22 @@ write takes every mutation that arrived while the previous write was under way. 
 reply is sent only after the fsync that contains its change, so 1,000 concurrent mutations cost
 a few writes, not 1,000. Reads are answered from the last saved state at once, whatever a write
 is doing.
+
+A write that fails, at any step, fails its callers, and leaves the disk in doubt: the rename may
+have happened before the folder's fsync failed, and after an fsync error the page cache is not
+to be trusted. So the committed state (what reads answer from) is then written again, whole, to
+a new file, retried with backoff until a write succeeds; until then `problems` lists it. The
+first rewrite is tried at once, and changes that arrive meanwhile wait for it; once it has
+failed too, changes are refused at once (`StateWriteFailed`) until one succeeds, so a caller
+never waits on a disk that is full for long, and nothing is answered ok before it is on disk.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -52,6 +62,21 @@ log = logging.getLogger(__name__)
 
 _MAX_SETTLE_TURNS = 64
 _QUIET_TURNS = 2
+STATE_WRITE_PROBLEM = "state-write"
+RETRY_FIRST_DELAY = 0.5
+RETRY_MAX_DELAY = 30.0
+
+
+def retry_delays(
+    first: float = RETRY_FIRST_DELAY, most: float = RETRY_MAX_DELAY
+) -> Iterator[float]:
+    """Seconds to wait before each retry of a write the disk refused: doubling, then capped."""
+    for exponent in itertools.count():
+        delay = first * 2**exponent
+        if delay >= most:
+            break
+        yield delay
+    yield from itertools.repeat(most)
 
 
 class HashIndex:
@@ -180,6 +205,11 @@ class PersistenceActor(Actor[PersistenceCommand]):
         self._load_report: LoadReport | None = None
         self._writes = 0
         self._committed_mutations = 0
+        # After a failed write: the disk must get the committed state again before anything else.
+        self._rewrite_needed = False
+        # While a rewrite keeps failing: changes are refused at once instead of waiting for it.
+        self._refusing: StateWriteFailed | None = None
+        self._rewrite_delays = retry_delays()
 
     async def on_start(self) -> None:
         await anyio.to_thread.run_sync(self._store.acquire_lock)
@@ -210,13 +240,20 @@ class PersistenceActor(Actor[PersistenceCommand]):
         if isinstance(command, GetSnapshot | GetRecord | GetPersistenceStats):
             self._answer_read(command, reply)
             return
+        if self._refusing is not None:
+            reply.fail(self._refusing)
+            return
         try:
             applied = apply_mutation(self._working, command, self._index)
         except DlkeeperError as error:
             reply.fail(error)
             return
         pending = _Pending(command, reply, applied)
-        if applied.existed and self._committed.get(applied.record.task_id) is applied.record:
+        if (
+            applied.existed
+            and not self._rewrite_needed  # else the disk may not hold what memory does
+            and self._committed.get(applied.record.task_id) is applied.record
+        ):
             reply.send(pending.answer())  # already on disk: nothing to wait for
             return
         self._queued.append(pending)
@@ -251,6 +288,9 @@ class PersistenceActor(Actor[PersistenceCommand]):
 
     async def _write_loop(self) -> None:
         while True:
+            if self._rewrite_needed:
+                await self._rewrite_committed()
+                continue
             if not self._queued:
                 if self._inbox_closed:
                     return
@@ -267,10 +307,14 @@ class PersistenceActor(Actor[PersistenceCommand]):
                 self._write_failed(batch, exc)
                 continue
             self._committed = snapshot
-            self._writes += 1
+            self._wrote()
             self._committed_mutations += len(batch)
             for pending in batch:
                 pending.reply.send(pending.answer())
+
+    def _wrote(self) -> None:
+        self._writes += 1
+        self._problems.clear(STATE_WRITE_PROBLEM)
 
     async def _let_answered_callers_queue(self) -> None:
         # Callers answered by the previous write need a few scheduler turns to send their next
@@ -290,9 +334,57 @@ class PersistenceActor(Actor[PersistenceCommand]):
         # A disk's refusal is said in a line; anything else is a bug: its traceback too.
         unexpected = not isinstance(exc, OSError)
         log.error("persistence: %s; %d changes refused", error, len(batch), exc_info=unexpected)
+        self._report(exc)
         for pending in batch:
             pending.reply.fail(error)
-        # Back to what is on disk, then redo the mutations that arrived during the failed write.
+        # Back to what was committed, then redo the mutations that arrived during the failed
+        # write: they wait for the rewrite, and are written after it.
+        self._rewrite_needed = True
+        self._reset_working()
+
+    async def _rewrite_committed(self) -> None:
+        """One attempt to make the disk hold the committed state again; on failure, refuses
+        what waits and sleeps the next backoff delay (cut short by a stop)."""
+        committed = self._committed
+        write = functools.partial(self._store.write, committed, keep_backup=False)
+        try:
+            await anyio.to_thread.run_sync(write)
+        except Exception as exc:
+            self._refusing = StateWriteFailed(
+                f"the download state cannot be saved now (the last write failed: {exc}); "
+                "changes are refused until a write succeeds"
+            )
+            self._report(exc)
+            refused, self._queued = self._queued, []
+            for pending in refused:
+                pending.reply.fail(self._refusing)
+            self._reset_working()
+            if self._inbox_closed:
+                log.error(
+                    "persistence: stopping with the state file not rewritten (%s); it holds "
+                    "the last saved state or the refused changes, both complete",
+                    exc,
+                )
+                self._rewrite_needed = False
+                return
+            self._wake = anyio.Event()  # set by the inbox closing
+            with anyio.move_on_after(next(self._rewrite_delays)):
+                await self._wake.wait()
+            return
+        self._rewrite_needed = False
+        self._refusing = None
+        self._rewrite_delays = retry_delays()
+        log.info("persistence: the state file holds the saved state again")
+        self._wrote()
+
+    def _report(self, exc: Exception) -> None:
+        self._problems.report(
+            STATE_WRITE_PROBLEM,
+            f"the state file {self._store.path} cannot be written ({exc}); "
+            "changes are refused and the write is retried",
+        )
+
+    def _reset_working(self) -> None:
         self._working = dict(self._committed)
         self._index = HashIndex(self._working)
         later, self._queued = self._queued, []
