@@ -25,6 +25,7 @@ ErrorCode = Literal[
     "duplicate",
     "too_large",
     "not_ready",
+    "no_space",
     "internal",
 ]
 
@@ -105,6 +106,20 @@ class NotReady(RequestError):
     code = "not_ready"
 
 
+class NoSpace(RequestError):
+    """An add does not fit: `needed_bytes` (what it wants, plus what the downloads in progress
+    on that file system still need) is more than `free_bytes` less `min_free_bytes`."""
+
+    code = "no_space"
+    needed_bytes: int
+    free_bytes: int
+
+    def __init__(self, message: str, needed_bytes: int, free_bytes: int) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+
+
 ERRORS_BY_CODE: dict[str, type[RequestError]] = {
     error.code: error
     for error in (
@@ -117,25 +132,38 @@ ERRORS_BY_CODE: dict[str, type[RequestError]] = {
         Duplicate,
         TooLarge,
         NotReady,
+        NoSpace,
     )
 }
 
 
 def error_body(error: BaseException) -> dict[str, Any]:
-    """`error` as the wire carries it: `{"code", "message"}`, with `task_id` for `duplicate`
-    (CONTRACT.md section 2). Anything that is not a `DlkeeperError` is `internal`, named by type
-    only: a traceback's text is not for a client."""
+    """`error` as the wire carries it: `{"code", "message"}`, with `task_id` for `duplicate` and
+    `needed_bytes` and `free_bytes` for `no_space` (CONTRACT.md section 2). Anything that is
+    not a `DlkeeperError` is `internal`, named by type only: a traceback's text is not for a
+    client."""
     if not isinstance(error, DlkeeperError):
         return {"code": "internal", "message": f"internal error: {type(error).__name__}"}
     body: dict[str, Any] = {"code": error.code, "message": str(error)}
     if isinstance(error, Duplicate):
         body["task_id"] = error.task_id
+    if isinstance(error, NoSpace):
+        body["needed_bytes"] = error.needed_bytes
+        body["free_bytes"] = error.free_bytes
     return body
 
 
-def error_from_body(code: str, message: str, task_id: str | None = None) -> RequestError:
+def error_from_body(
+    code: str,
+    message: str,
+    task_id: str | None = None,
+    *,
+    needed_bytes: int | None = None,
+    free_bytes: int | None = None,
+) -> RequestError:
     """The error a wire body stands for, as the shared class of its code, with the sender's
-    sentence; a code this side does not know is a plain `RequestError` that says so."""
+    sentence; a code this side does not know is a plain `RequestError` that says so. A
+    `no_space` whose sender left out its figures has them as 0."""
     known = ERRORS_BY_CODE.get(code)
     if code == "internal":
         error = RequestError(message)
@@ -148,6 +176,9 @@ def error_from_body(code: str, message: str, task_id: str | None = None) -> Requ
         error.task_id = task_id
     else:
         error.task_id = ""  # a sender that did not name the download
+    if isinstance(error, NoSpace):
+        error.needed_bytes = needed_bytes or 0
+        error.free_bytes = free_bytes or 0
     return error
 
 

@@ -11,6 +11,11 @@ excess adds wait their turn rather than each holding its own copy at once. It is
 from the server's for request lines because an add waits for it holding its download's change
 lock: the requests queued behind that lock hold line bytes, and in one budget they could keep
 the add they wait for from ever getting its turn.
+
+An add of a .torrent is refused with `no_space` when its wanted bytes not on disk yet, plus what
+the downloads in progress on the same file system still need, do not fit in the free space less
+`min_free_bytes` (see `_SpaceLedger` for how concurrent adds never pass on the same free bytes).
+A magnet's sizes are not known at add time: it is not checked here.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import base64
 import binascii
 import contextlib
 import functools
+import itertools
+import os
 import re
 import stat
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +50,7 @@ from actors.errors import (
     DlkeeperError,
     Duplicate,
     InvalidTorrent,
+    NoSpace,
     NotFound,
     NotReady,
     PathNotAllowed,
@@ -88,6 +96,10 @@ Metadata = dict[str, Any]
 # .torrent accepted, which so never waits for more than the adds before it. Decoding one is
 # pure Python under the GIL, so more of them at once would not go faster, only take more room.
 TORRENT_BYTES_IN_FLIGHT = MAX_TORRENT_BYTES
+# The problem key of free space on download_path's file system below min_free_bytes.
+DISK_LOW = "disk-low"
+# Downloads whose remaining bytes an add's space check counts (a paused one needs none now).
+NEEDING_STATUSES = frozenset({DownloadStatus.QUEUED, DownloadStatus.DOWNLOADING})
 
 
 class Params(BaseModel):
@@ -150,6 +162,7 @@ class ApiService:
         layout = config.layout
         self._own_folders = (layout.torrents_dir.resolve(), layout.state_dir.resolve())
         self._changes = KeyedLock()  # one change of a download at a time, in arrival order
+        self._space = _SpaceLedger(self._read_in_progress)
         self._ops: dict[str, tuple[type[Params], Callable[[Any], Awaitable[Message]]]] = {
             "ping": (NoParams, self.ping),
             "add": (AddParams, self.add),
@@ -183,7 +196,8 @@ class ApiService:
     # --- operations -----------------------------------------------------------------------------
 
     async def ping(self, _: NoParams) -> PingResult:
-        return PingResult(version=__version__, ready=True)
+        await self._free_bytes()  # a disk low on space is one of the problems
+        return PingResult(version=__version__, ready=True, problems=tuple(self._problems.current()))
 
     async def add(self, params: AddParams) -> AddResult:
         task_id = params.task_id or uuid.uuid4().hex[:16]
@@ -191,17 +205,21 @@ class ApiService:
         # order they arrived, so an add and the cancel pipelined behind it are done in turn.
         async with self._changing(task_id):
             record, source = await self._new_record(task_id, params)
-            if source.torrent is None:
-                added = await self._persistence.add(record)  # checked for duplicates there
-            else:
-                added = await self._add_with_torrent(record, source.torrent)
-            if added.existed:  # a retried add: the download it made, in libtorrent as saved
-                if added.record.status in ACTIVE_STATUSES:
-                    await self._session.add(added.record)  # the first may never have got there
-                info = await self._info(added.record)
-                return AddResult(task_id=task_id, info_hash=source.info_hash, status=info.status)
-            record = added.record
-            await self._start(record, source.torrent)
+            # The space promised to this add, given back once libtorrent has its download.
+            with contextlib.ExitStack() as promised:
+                if source.torrent is None:
+                    added = await self._persistence.add(record)  # checked for duplicates there
+                else:
+                    added = await self._add_with_torrent(record, source, promised)
+                if added.existed:  # a retried add: the download it made, in libtorrent as saved
+                    if added.record.status in ACTIVE_STATUSES:
+                        await self._session.add(added.record)  # the first may never have got there
+                    info = await self._info(added.record)
+                    return AddResult(
+                        task_id=task_id, info_hash=source.info_hash, status=info.status
+                    )
+                record = added.record
+                await self._start(record, source.torrent)
             self._bus.publish(lambda seq: DownloadAddedEvent(seq=seq, task_id=task_id))
             return AddResult(
                 task_id=task_id, info_hash=source.info_hash, status=record.status.value
@@ -239,12 +257,18 @@ class ApiService:
         )
         return record, source
 
-    async def _add_with_torrent(self, record: DownloadRecord, torrent: bytes) -> AddRecordReply:
-        """Keeps the .torrent copy, then saves the record that names it (never the other way
+    async def _add_with_torrent(
+        self, record: DownloadRecord, source: _Source, promised: contextlib.ExitStack
+    ) -> AddRecordReply:
+        """Checks that the download fits (`no_space`; a retried add is not checked again),
+        keeps the .torrent copy, then saves the record that names it (never the other way
         round: a saved download always has its copy). The copy is named by the task_id, and
         the caller holds the task_id's change lock: no other add, cancel or ack of it runs
-        meanwhile, so a saved download's copy is never overwritten nor deleted."""
+        meanwhile, so a saved download's copy is never overwritten nor deleted. The space
+        the download was promised is held in `promised`."""
         task_id = record.task_id
+        torrent = source.torrent
+        assert torrent is not None and source.files is not None
         try:
             existing: DownloadRecord | None = await self._persistence.get(task_id)
         except NotFound:
@@ -255,6 +279,7 @@ class ApiService:
                     f"task_id {task_id} is already the torrent {existing.info_hash}", task_id
                 )
             return AddRecordReply(record=existing, existed=True)
+        await self._check_space(record, source.files, promised)
         path = self._torrent_path(task_id)
         await anyio.to_thread.run_sync(_keep_torrent, path, torrent)
         try:
@@ -348,6 +373,7 @@ class ApiService:
         )
 
     async def stats(self, _: NoParams) -> StatsResult:
+        free_bytes = await self._free_bytes()
         records = await self._persistence.snapshot()
         session = await self._session.stats()
         counts = Counter(record.status.value for record in records.values())
@@ -357,7 +383,81 @@ class ApiService:
             resume_failures=session.resume_failures,
             worker_restarts=session.worker_restarts,
             uptime=round(time.monotonic() - self._started, 3),
+            problems=tuple(self._problems.current()),
+            free_bytes=free_bytes,
         )
+
+    # --- free space -----------------------------------------------------------------------------
+
+    async def _free_bytes(self) -> int | None:
+        """The free bytes on download_path's file system (None when they cannot be read), and
+        the disk-low problem reported or cleared to match."""
+        root = self._download_root
+        free = await anyio.to_thread.run_sync(_free_bytes_of, root)
+        minimum = self._config.min_free_bytes
+        if free is None:
+            pass  # nothing known: a disk-low problem stays as it was
+        elif free < minimum or free == 0:
+            self._problems.report(
+                DISK_LOW,
+                f"the file system of {root} has {free} bytes free, "
+                + (f"less than min_free_bytes ({minimum})" if free < minimum else "it is full"),
+            )
+        else:
+            self._problems.clear(DISK_LOW)
+        return free
+
+    async def _check_space(
+        self,
+        record: DownloadRecord,
+        files: Sequence[tuple[str, int]],
+        promised: contextlib.ExitStack,
+    ) -> None:
+        """Refuses with `no_space` a download whose wanted bytes not on disk yet, plus what the
+        downloads in progress on its file system still need and what was promised to adds not
+        in libtorrent yet, do not fit in that file system's free bytes less min_free_bytes.
+        Otherwise promises it its bytes, in `promised`, until the caller lets go of them."""
+        wanted = _wanted_files(files, record.file_priorities)
+        save_path = Path(record.save_path)
+        room = await anyio.to_thread.run_sync(_measure_room, save_path, self._download_root, wanted)
+        if room is None:
+            return  # no free space to go by (download_path missing): libtorrent will say more
+        async with self._space.reading() as reading:
+            if record.info_hash in reading.info_hashes:
+                return  # another download's torrent: persistence answers duplicate
+            needed = (
+                room.missing
+                + reading.needs.get(room.device, 0)
+                + self._space.promised_since(reading, room.device)
+            )
+            minimum = self._config.min_free_bytes
+            if needed > room.free - minimum:
+                raise NoSpace(
+                    f"the download needs {needed} bytes on the file system of {room.folder} "
+                    f"(with what the downloads in progress there still need), which has "
+                    f"{room.free} bytes free and keeps {minimum} free (min_free_bytes)",
+                    needed,
+                    room.free,
+                )
+            # No await since the sum: no other add has passed on the same bytes meanwhile.
+            promised.enter_context(self._space.promise(room.device, room.missing))
+
+    async def _read_in_progress(self) -> _InProgress:
+        """What the downloads in progress still need, by file system, from libtorrent's
+        figures (a download not in libtorrent yet, say a worker restarting, counts nothing)."""
+        live = await self._live_all()
+        records = await self._persistence.snapshot()
+        remaining: list[tuple[Path, int]] = []
+        for task_id, status in live.items():
+            record = records.get(task_id)
+            if record is None or record.status not in NEEDING_STATUSES or status.finished:
+                continue
+            left = status.total_bytes - status.downloaded_bytes  # of the wanted files
+            if left > 0:
+                remaining.append((Path(record.save_path), left))
+        needs = await anyio.to_thread.run_sync(_needs_by_device, remaining, self._download_root)
+        info_hashes = frozenset(r.info_hash for r in records.values() if r.info_hash is not None)
+        return _InProgress(needs, info_hashes)
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -593,6 +693,196 @@ class _Source:
     magnet: str | None
     name: str
     files: list[tuple[str, int]] | None  # None until a magnet's metadata is known
+
+
+@dataclass(frozen=True, slots=True)
+class _InProgress:
+    """A reading of the downloads in progress: the bytes they still need by file system
+    (`st_dev`), and the info hashes the state file holds."""
+
+    needs: dict[int, int]
+    info_hashes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    mark: int  # on the ledger's clock, taken before the reading began
+    needs: dict[int, int]
+    info_hashes: frozenset[str]
+
+
+@dataclass(slots=True)
+class _Promise:
+    device: int
+    size: int
+    given_back: int | None = None  # on the ledger's clock
+
+
+class _SpaceLedger:
+    """What an add's space check counts besides the add itself: the bytes the downloads in
+    progress still need, and the bytes promised to adds that passed their check.
+
+    Each check uses a reading begun after it asked, so it sees every change answered before;
+    the checks that ask while a reading is under way share the next one, so a burst of adds
+    costs a few status reads of every download, not one each.
+
+    A promise is given back once libtorrent has the download, whose figures a reading shows
+    from then on. A reading that began before a promise was given back may not show its
+    download, so a check using it still counts the promise: a download may be counted twice,
+    never not at all, and two adds cannot both pass on the same free bytes."""
+
+    def __init__(self, read: Callable[[], Awaitable[_InProgress]]) -> None:
+        self._read = read
+        self._clock = itertools.count()  # orders readings and given-back promises
+        self._latest: _Reading | None = None
+        self._reading_done: anyio.Event | None = None  # one reading at a time
+        self._promises: dict[int, _Promise] = {}
+        self._in_use: Counter[int] = Counter()  # the marks of the readings checks are using
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[_Reading]:
+        """A reading begun after this call, for one check (with `promised_since`)."""
+        reading = await self._fresh_reading()
+        self._in_use[reading.mark] += 1
+        try:
+            yield reading
+        finally:
+            self._in_use[reading.mark] -= 1
+            if not self._in_use[reading.mark]:
+                del self._in_use[reading.mark]
+            self._prune()
+
+    def promised_since(self, reading: _Reading, device: int) -> int:
+        """The bytes promised on `device` that `reading` may not show."""
+        return sum(
+            promise.size
+            for promise in self._promises.values()
+            if promise.device == device
+            and (promise.given_back is None or promise.given_back > reading.mark)
+        )
+
+    @contextlib.contextmanager
+    def promise(self, device: int, size: int) -> Iterator[None]:
+        """`size` bytes promised on `device` until the block ends."""
+        promise = self._promises[next(self._clock)] = _Promise(device, size)
+        try:
+            yield
+        finally:
+            promise.given_back = next(self._clock)
+            self._prune()
+
+    async def _fresh_reading(self) -> _Reading:
+        asked = next(self._clock)
+        while True:
+            latest = self._latest
+            if latest is not None and latest.mark > asked:
+                return latest
+            if self._reading_done is not None:
+                # Begun before we asked, or one we may share: then look again.
+                await self._reading_done.wait()
+                continue
+            done = self._reading_done = anyio.Event()
+            try:
+                mark = next(self._clock)
+                value = await self._read()
+                reading = _Reading(mark, value.needs, value.info_hashes)
+                self._latest = reading
+                self._prune()
+                return reading
+            finally:
+                self._reading_done = None
+                done.set()
+
+    def _prune(self) -> None:
+        """Forgets the given-back promises that no reading in use, nor the latest, may miss."""
+        marks = list(self._in_use)
+        if self._latest is not None:
+            marks.append(self._latest.mark)
+        oldest = min(marks, default=None)
+        for key, promise in list(self._promises.items()):
+            if promise.given_back is not None and (oldest is None or promise.given_back < oldest):
+                del self._promises[key]
+
+
+@dataclass(frozen=True, slots=True)
+class _Room:
+    """The file system an add writes to, and what the add needs of it."""
+
+    folder: Path  # the nearest folder of the save path that exists
+    device: int
+    free: int
+    missing: int  # the wanted bytes not on disk yet
+
+
+def _wanted_files(
+    files: Sequence[tuple[str, int]], priorities: Sequence[int]
+) -> list[tuple[str, int]]:
+    """The files a download wants: those of priority > 0, or all when no priorities are given."""
+    if not priorities:
+        return list(files)
+    return [file for file, priority in zip(files, priorities, strict=True) if priority > 0]
+
+
+def _existing_folder(path: Path, root: Path) -> Path | None:
+    """`path`, or its nearest parent that exists, no higher than `root` (None when `root` is
+    missing: a drive not mounted, whose mount point's file system says nothing)."""
+    while not path.is_dir():
+        if path in (root, path.parent):
+            return None
+        path = path.parent
+    return path
+
+
+def _free_bytes_of(path: Path) -> int | None:
+    """The bytes an unprivileged process may still write on `path`'s file system."""
+    try:
+        found = os.statvfs(path)
+    except OSError:
+        return None
+    return found.f_bavail * found.f_frsize
+
+
+def _measure_room(save_path: Path, root: Path, files: Sequence[tuple[str, int]]) -> _Room | None:
+    """The room of an add of `files` (paths under `save_path`, sizes), or None when the free
+    space cannot be read. A file's bytes on disk are its allocated blocks, at most its size: a
+    complete file from an earlier download counts as there, the holes of a sparse one do not."""
+    folder = _existing_folder(save_path, root)
+    if folder is None:
+        return None
+    free = _free_bytes_of(folder)
+    try:
+        device = folder.stat().st_dev
+    except OSError:
+        return None
+    if free is None:
+        return None
+    missing = 0
+    for path, size in files:
+        try:
+            found = (save_path / path).stat()
+        except OSError:  # not there (or not reachable): all of it is missing
+            missing += size
+            continue
+        present = min(size, found.st_blocks * 512) if stat.S_ISREG(found.st_mode) else 0
+        missing += size - present
+    return _Room(folder, device, free, missing)
+
+
+def _needs_by_device(remaining: Iterable[tuple[Path, int]], root: Path) -> dict[int, int]:
+    """The `remaining` bytes (by save path) summed by file system; one stat per save path."""
+    devices: dict[Path, int | None] = {}
+    needs: dict[int, int] = {}
+    for save_path, left in remaining:
+        if save_path not in devices:
+            folder = _existing_folder(save_path, root)
+            try:
+                devices[save_path] = None if folder is None else folder.stat().st_dev
+            except OSError:
+                devices[save_path] = None
+        device = devices[save_path]
+        if device is not None:
+            needs[device] = needs.get(device, 0) + left
+    return needs
 
 
 def _within(path: Path, folder: Path) -> bool:

@@ -51,6 +51,7 @@ from actors.errors import (
     Duplicate,
     InvalidMagnet,
     InvalidTorrent,
+    NoSpace,
     NotFound,
     NotReady,
     PathNotAllowed,
@@ -103,6 +104,7 @@ __all__ = [
     "FileInfo",
     "InvalidMagnet",
     "InvalidTorrent",
+    "NoSpace",
     "NotFound",
     "NotReady",
     "PathNotAllowed",
@@ -132,7 +134,13 @@ MAX_INLINE_TORRENT = 6 * 1024 * 1024
 def _request_error(error: ApiError, request_task_id: str | None) -> RequestError:
     # A not_found names no download on the wire: it is the one the request named.
     task_id = error.task_id or (request_task_id if error.code == "not_found" else None)
-    return error_from_body(error.code, error.message, task_id)
+    return error_from_body(
+        error.code,
+        error.message,
+        task_id,
+        needed_bytes=error.needed_bytes,
+        free_bytes=error.free_bytes,
+    )
 
 
 # --- one connection -----------------------------------------------------------------------------
@@ -411,7 +419,8 @@ class DlkeeperClient:
     # --- the operations -------------------------------------------------------------------------
 
     async def ping(self) -> PingResult:
-        """The daemon's version, and whether it is ready."""
+        """The daemon's version, whether it is ready, and its current problems (one sentence
+        each; none while it is healthy)."""
         return _parse(PingResult, await self._call("ping", {}), "ping")
 
     async def add(
@@ -432,7 +441,9 @@ class DlkeeperClient:
         """Adds a download from exactly one of `magnet`, `torrent_b64` or `torrent_path` (an
         absolute path the daemon can read). Adding a `task_id` again with the same torrent
         returns the existing download, so a retry is safe. Raises `Duplicate` (its `task_id`
-        names the existing download) when the torrent is active under another `task_id`."""
+        names the existing download) when the torrent is active under another `task_id`, and
+        `NoSpace` (with `needed_bytes` and `free_bytes`) when a torrent's wanted bytes do not
+        fit in the free space less the daemon's `min_free_bytes`."""
         sources = [source for source in (magnet, torrent_b64, torrent_path) if source is not None]
         if len(sources) != 1:
             raise ValueError("add() takes exactly one of magnet, torrent_b64 and torrent_path")
@@ -523,7 +534,8 @@ class DlkeeperClient:
         await self._call("ack", {"task_id": task_id})
 
     async def stats(self) -> StatsResult:
-        """Counts by status, replay and worker restart figures, uptime."""
+        """Counts by status, replay and worker restart figures, uptime, current problems, and
+        the free bytes on the download file system (None when they cannot be read)."""
         return _parse(StatsResult, await self._call("stats", {}), "stats")
 
     async def subscribe(self, progress_interval: float | None = None) -> None:

@@ -209,7 +209,11 @@ async def _stats(client: DlkeeperClient, args: argparse.Namespace, console: Cons
         ("resumed at start", str(stats.resumed_at_start)),
         ("resume failures", str(stats.resume_failures)),
         ("worker restarts", str(stats.worker_restarts)),
+        ("free space", render.free_space(stats.free_bytes)),
     ]
+    # One line per problem, all under one key: a sentence each, as the daemon wrote it.
+    problems = stats.problems or ("none",)
+    fields += [("problems" if index == 0 else "", text) for index, text in enumerate(problems)]
     _print_fields(console, [(key, Text(value)) for key, value in fields])
     return exits.OK
 

@@ -110,6 +110,11 @@ def short_size(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def free_space(free_bytes: int | None) -> str:
+    """The daemon's `free_bytes`: unknown when it could not read them."""
+    return "unknown" if free_bytes is None else size(free_bytes)
+
+
 def rate(per_second: int) -> str:
     return f"{size(per_second)}/s"
 

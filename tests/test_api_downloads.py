@@ -233,6 +233,8 @@ def test_stats_counts_downloads_by_status(fresh: Served, tmp_path: Path) -> None
         "resume_failures",
         "worker_restarts",
         "uptime",
+        "problems",
+        "free_bytes",
     }
     assert stats["downloads"]["paused"] == 2
     assert sum(stats["downloads"].values()) == 3

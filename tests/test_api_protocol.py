@@ -32,15 +32,16 @@ from tests.api import (
 from tests.daemons import RawClient
 
 
-def test_ping_answers_version_and_ready(api: RawClient) -> None:
+def test_ping_answers_version_ready_and_problems(api: RawClient) -> None:
     reply = api.request("ping")
     assert set(reply) == {"id", "ok", "result"}
     assert reply["ok"] is True
     result = reply["result"]
-    assert set(result) == {"version", "ready"}
+    assert set(result) == {"version", "ready", "problems"}
     assert isinstance(result["version"], str)
     assert result["version"]
     assert result["ready"] is True
+    assert result["problems"] == []
 
 
 @pytest.mark.parametrize("request_id", [7, 0, -3, 2**53, "seven", "", "ünï €"])

@@ -270,12 +270,18 @@ def test_stats_shows_the_daemons_counters(library: Library) -> None:
     printed = json.loads(ok("stats", "--json", socket=library.socket))
     with library.daemon.client() as client:
         stats = client.call("stats")
-    assert {**printed, "uptime": 0} == {**stats, "uptime": 0}
+    # Free bytes move with whatever else writes to the disk meanwhile.
+    assert {**printed, "uptime": 0, "free_bytes": 0} == {**stats, "uptime": 0, "free_bytes": 0}
+    assert isinstance(printed["free_bytes"], int)
+    assert printed["problems"] == []
     lines = ok("stats", socket=library.socket).splitlines()
     assert [line.split("  ")[0] for line in lines] == [
         "daemon", "uptime", "downloads", "resumed at start", "resume failures", "worker restarts",
+        "free space", "problems",
     ]  # fmt: skip
     assert lines[0].endswith(f"dlkeeper 0.1.0 at {library.socket}")
+    assert re.fullmatch(r"free space +[0-9.]+ [KMGT]?i?B", lines[-2]), lines[-2]
+    assert re.fullmatch(r"problems +none", lines[-1]), lines[-1]
 
 
 def test_a_refused_request_is_one_line_with_the_code_and_exit_1(library: Library) -> None:

@@ -28,6 +28,7 @@ from actors.errors import (
     Duplicate,
     InvalidMagnet,
     InvalidTorrent,
+    NoSpace,
     NotFound,
     NotReady,
     PathNotAllowed,
@@ -52,6 +53,7 @@ from supervisor.client import (
 pytestmark = pytest.mark.anyio
 
 TEST_DEADLINE = 3.0  # every test is over well within this; a hang fails fast
+PONG = {"version": "0.1.0", "ready": True, "problems": []}  # a healthy daemon's ping result
 LONG_TIMEOUT = 30.0  # a call that must fail long before this has failed promptly
 
 
@@ -90,7 +92,7 @@ class Received:
     async def reply(self, result: dict[str, Any] | None = None) -> None:
         await self.connection.send({"id": self.request["id"], "ok": True, "result": result or {}})
 
-    async def refuse(self, code: str, message: str, **extra: str) -> None:
+    async def refuse(self, code: str, message: str, **extra: str | int) -> None:
         error = {"code": code, "message": message, **extra}
         await self.connection.send({"id": self.request["id"], "ok": False, "error": error})
 
@@ -362,6 +364,62 @@ async def test_duplicate_error_carries_code_message_and_existing_task_id(
             )
 
 
+async def test_no_space_error_carries_the_needed_and_free_bytes(socket_path: Path) -> None:
+    with anyio.fail_after(TEST_DEADLINE):
+        async with (
+            running_daemon(socket_path) as daemon,
+            DlkeeperClient(socket_path) as client,
+            anyio.create_task_group() as task_group,
+        ):
+
+            async def add() -> None:
+                with pytest.raises(NoSpace) as raised:
+                    await client.add(magnet="magnet:?xt=urn:btih:" + "cd" * 20)
+                error = raised.value
+                assert error.code == "no_space"
+                assert (error.needed_bytes, error.free_bytes) == (5_000_000, 1_000_000)
+                assert error.message == "the download needs more than is free"
+
+            task_group.start_soon(add)
+            await (await daemon.next_request()).refuse(
+                "no_space",
+                "the download needs more than is free",
+                needed_bytes=5_000_000,
+                free_bytes=1_000_000,
+            )
+
+
+async def test_ping_and_stats_carry_the_problems_and_the_free_bytes(socket_path: Path) -> None:
+    problem = "the file system of /srv/media/downloads has 0 bytes free, it is full"
+    stats_result = {
+        "downloads": {"downloading": 1},
+        "resumed_at_start": 1,
+        "resume_failures": 0,
+        "worker_restarts": 0,
+        "uptime": 12.5,
+        "problems": [problem],
+    }
+    with anyio.fail_after(TEST_DEADLINE):
+        async with running_daemon(socket_path) as daemon, DlkeeperClient(socket_path) as client:
+            async with anyio.create_task_group() as task_group:
+
+                async def ping() -> None:
+                    assert (await client.ping()).problems == (problem,)
+
+                task_group.start_soon(ping)
+                await (await daemon.next_request()).reply({**PONG, "problems": [problem]})
+            for free_bytes in (0, 7_000_000_000, None):
+                async with anyio.create_task_group() as task_group:
+
+                    async def stats(expected: int | None = free_bytes) -> None:
+                        stats = await client.stats()
+                        assert (stats.problems, stats.free_bytes) == ((problem,), expected)
+
+                    task_group.start_soon(stats)
+                    received = await daemon.next_request()
+                    await received.reply({**stats_result, "free_bytes": free_bytes})
+
+
 @pytest.mark.parametrize(
     ("code", "error_class"),
     [
@@ -373,6 +431,7 @@ async def test_duplicate_error_carries_code_message_and_existing_task_id(
         ("path_not_allowed", PathNotAllowed),
         ("too_large", TooLarge),
         ("not_ready", NotReady),
+        ("no_space", NoSpace),
         ("internal", RequestError),
     ],
 )
@@ -420,7 +479,7 @@ async def test_unanswered_request_times_out_and_the_connection_stays_usable(
                 task_group.start_soon(client.ping)
                 ping = await daemon.next_request()
                 await ignored.reply({"downloads": {}})  # too late: dropped by the client
-                await ping.reply({"version": "0.1.0", "ready": True})
+                await ping.reply(PONG)
 
     assert ping.connection is ignored.connection
 
@@ -479,7 +538,7 @@ async def test_progress_events_are_dropped_while_the_queue_is_half_full(socket_p
             async with anyio.create_task_group() as task_group:
                 # The ping's reply comes after every event: once it is in, they all were read.
                 task_group.start_soon(client.ping)
-                await (await daemon.next_request()).reply({"version": "0.1.0", "ready": True})
+                await (await daemon.next_request()).reply(PONG)
             events = client.events()
             received = [await anext(events) for _ in range(3)]
 
@@ -505,7 +564,7 @@ async def test_subscribing_again_sends_nothing_and_another_interval_is_refused(
                 await client.subscribe(progress_interval=2.0)
             task_group.start_soon(client.ping)
             ping = await daemon.next_request()
-            await ping.reply({"version": "0.1.0", "ready": True})
+            await ping.reply(PONG)
 
     assert ping.op == "ping"  # the first request after the subscribe: no second subscribe
 
@@ -566,7 +625,7 @@ async def test_call_after_a_daemon_restart_reconnects(socket_path: Path) -> None
                 ):
                     task_group.start_soon(client.ping)
                     received = await daemon.next_request()
-                    await received.reply({"version": "0.1.0", "ready": True})
+                    await received.reply(PONG)
                     assert received.op == "ping"  # not a subscribe: there was none to renew
 
 

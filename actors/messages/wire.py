@@ -48,6 +48,7 @@ class DownloadInfo(Message):
 class PingResult(Message):
     version: str
     ready: bool
+    problems: tuple[str, ...]  # one sentence per current problem; empty while healthy
 
 
 class AddResult(Message):
@@ -66,6 +67,8 @@ class StatsResult(Message):
     resume_failures: int
     worker_restarts: int
     uptime: float
+    problems: tuple[str, ...]
+    free_bytes: int | None  # on download_path's file system; None when it cannot be read
 
 
 class EmptyResult(Message):
@@ -76,6 +79,8 @@ class ApiError(Message):
     code: str
     message: str
     task_id: str | None = None  # for `duplicate`: the download that has this torrent
+    needed_bytes: int | None = None  # for `no_space`: what the add and those in progress need
+    free_bytes: int | None = None  # for `no_space`: free on the add's file system
 
 
 class ApiReply(Message):
