@@ -4,9 +4,11 @@ and reads of small files that never block on a FIFO or a device."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from actors.errors import DlkeeperError
@@ -51,6 +53,47 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_files(paths: Iterable[str], root: str | None = None) -> int:
+    """Makes what the OS holds of every regular file in `paths` durable: each is fsynced, then
+    each distinct folder holding one once, and the folders above those up to `root`, so that
+    the names of new files and folders are durable too. A path that does not exist, or is a
+    symlink or not a regular file, is skipped. Returns how many files were fsynced; raises the
+    first `OSError` of an fsync that failed (the rest are not tried: the caller retries all).
+    """
+    folders: dict[Path, None] = {}  # ordered and distinct
+    top = Path(os.path.normpath(root)) if root is not None else None
+    synced = 0
+    for name in paths:
+        path = Path(os.path.normpath(name))
+        try:
+            # O_NONBLOCK: a FIFO put in a file's place must not hang us; O_NOFOLLOW: no syncing
+            # of what a symlink points at, which is not the download's.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                continue
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            os.fsync(fd)
+            synced += 1
+        finally:
+            os.close(fd)
+        folder = path.parent
+        while folder not in folders:
+            folders[folder] = None
+            if top is None or top not in folder.parents:  # `top` itself, or outside it
+                break
+            folder = folder.parent
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError):
+            fsync_directory(folder)
+    return synced
 
 
 def read_small_file(path: Path, limit: int) -> bytes:

@@ -10,6 +10,12 @@ fails, which stops the daemon with a non-zero status so that systemd can take ov
 It writes the `.torrent` copy of a magnet once its metadata arrives and every `.fastresume`
 file (each by atomic replace), and publishes what the rest of the daemon must know: metadata
 kept, finished, errored (libtorrent errors and replay failures), worker restarted.
+
+libtorrent never fsyncs, so before a `.fastresume` is kept, and before a finish is published
+(the monitor then records `completed`), the download's files are fsynced here: a power cut must
+not leave resume data claiming pieces the disk never got, nor a completed download with holes.
+A write or fsync that fails is kept (the newest resume data per download) and retried with
+backoff, reported in `problems` meanwhile: libtorrent hands its resume data out only once.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from actors.atomic import read_small_file, write_file_atomically
+from actors.atomic import fsync_files, read_small_file, write_file_atomically
 from actors.errors import (
     DlkeeperError,
     InvalidTorrent,
@@ -108,6 +114,8 @@ class SessionOptions:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     worker_stop_timeout: float = 2.0  # after stdin closes, and again after SIGTERM
+    write_retry_initial: float = 0.5  # first wait before a failed resume write or fsync is retried
+    write_retry_max: float = 30.0
     worker_command: tuple[str, ...] = WORKER_COMMAND
 
 
@@ -142,7 +150,14 @@ class SessionActor(Actor[SessionCommand]):
         self._last_failure = ""
         self._resumed_at_start = 0
         self._resume_failures = 0
-        events_send, events_receive = anyio.create_memory_object_stream[Message | _Flush](math.inf)
+        # Failed to keep, so kept here to retry (libtorrent hands each out once): the newest
+        # resume data of each download, and finishes whose files could not be made durable.
+        self._unwritten_resume: dict[str, ResumeDataSaved] = {}
+        self._unrecorded_finish: dict[str, TorrentFinished] = {}
+        self._write_failed = anyio.Event()
+        events_send, events_receive = anyio.create_memory_object_stream[
+            Message | _Flush | _RetryWrites
+        ](math.inf)
         self._worker_events_send = events_send
         self._worker_events = events_receive
 
@@ -161,6 +176,7 @@ class SessionActor(Actor[SessionCommand]):
             task_group.start_soon(self._keep_worker_running)
             task_group.start_soon(self._handle_worker_events)
             task_group.start_soon(self._save_resume_data_periodically)
+            task_group.start_soon(self._retry_failed_writes)
             async for envelope in inbox:
                 task_group.start_soon(self._serve, envelope.message, envelope.asked())
                 del envelope  # not kept until the next command: an add's holds its .torrent
@@ -403,6 +419,10 @@ class SessionActor(Actor[SessionCommand]):
             if isinstance(event, _Flush):
                 event.done.set()
                 continue
+            if isinstance(event, _RetryWrites):
+                await self._retry_writes_now()
+                event.done.set()
+                continue
             try:
                 await self._on_worker_event(event)
             except (OSError, DlkeeperError, ValueError) as exc:
@@ -410,13 +430,8 @@ class SessionActor(Actor[SessionCommand]):
 
     async def _on_worker_event(self, event: Message) -> None:
         if isinstance(event, ResumeDataSaved):
-            if event.task_id not in self._forgotten:  # not for a download stopped meanwhile
-                path = self._options.layout.resume_path(event.task_id)
-                data = _unb64(event.resume_b64)
-                await anyio.to_thread.run_sync(write_file_atomically, path, data)
-                await self._publish.send(
-                    DownloadProgressKept(task_id=event.task_id, progress=event.progress)
-                )
+            self._unwritten_resume.pop(event.task_id, None)  # this one is newer
+            await self._keep_resume_data(event)
         elif isinstance(event, MetadataReceived):
             if event.task_id in self._forgotten:
                 return
@@ -429,7 +444,7 @@ class SessionActor(Actor[SessionCommand]):
                 )
             )
         elif isinstance(event, TorrentFinished):
-            await self._publish.send(DownloadFinished(task_id=event.task_id))
+            await self._record_finish(event)
         elif isinstance(event, TorrentFailed):
             await self._publish.send(DownloadErrored(task_id=event.task_id, error=event.error))
         elif isinstance(event, WorkerRestarted):
@@ -440,6 +455,99 @@ class SessionActor(Actor[SessionCommand]):
                     task_id=event.task_id, state=event.state, previous=event.previous
                 )
             )
+
+    async def _keep_resume_data(self, event: ResumeDataSaved) -> None:
+        """Writes the `.fastresume`, once the bytes it claims are durable; on failure keeps it
+        to retry (see `_retry_failed_writes`)."""
+        task_id = event.task_id
+        if task_id in self._forgotten:  # not for a download stopped meanwhile
+            return
+        path = self._options.layout.resume_path(task_id)
+        data = _unb64(event.resume_b64)
+        try:
+            await anyio.to_thread.run_sync(self._fsync_payload, event.payload_files)
+        except OSError as exc:
+            self._write_failed_for(
+                event,
+                f"the resume data of download {task_id} is not kept, as its files cannot be "
+                f"made durable ({_reason(exc)}); retrying",
+            )
+            return
+        try:
+            await anyio.to_thread.run_sync(write_file_atomically, path, data)
+        except OSError as exc:
+            self._write_failed_for(event, f"cannot write {path} ({_reason(exc)}); retrying")
+            return
+        self._problems.clear(_resume_problem(task_id))
+        await self._publish.send(DownloadProgressKept(task_id=task_id, progress=event.progress))
+
+    async def _record_finish(self, event: TorrentFinished) -> None:
+        """Publishes the finish (the monitor records `completed`), once every file is durable;
+        on failure keeps it to retry (see `_retry_failed_writes`)."""
+        task_id = event.task_id
+        if task_id in self._forgotten:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._fsync_payload, event.payload_files)
+        except OSError as exc:
+            self._write_failed_for(
+                event,
+                f"download {task_id} finished but its files cannot be made durable "
+                f"({_reason(exc)}); its completion waits, retrying",
+            )
+            return
+        self._unrecorded_finish.pop(task_id, None)
+        self._problems.clear(_finish_problem(task_id))
+        await self._publish.send(DownloadFinished(task_id=task_id))
+
+    def _fsync_payload(self, paths: tuple[str, ...]) -> None:
+        # Up to download_path: a save_path, and its folders, may be new.
+        fsync_files(paths, root=str(self._options.layout.download_path))
+
+    def _write_failed_for(self, event: ResumeDataSaved | TorrentFinished, problem: str) -> None:
+        if isinstance(event, ResumeDataSaved):
+            self._unwritten_resume[event.task_id] = event
+            self._problems.report(_resume_problem(event.task_id), problem)
+        else:
+            self._unrecorded_finish[event.task_id] = event
+            self._problems.report(_finish_problem(event.task_id), problem)
+        self._write_failed.set()
+
+    def _has_failed_writes(self) -> bool:
+        return bool(self._unwritten_resume or self._unrecorded_finish)
+
+    def _drop_failed_writes(self, task_id: str) -> None:
+        """A download forgotten: what it failed to write is no longer to be written."""
+        self._unwritten_resume.pop(task_id, None)
+        self._unrecorded_finish.pop(task_id, None)
+        self._problems.clear(_resume_problem(task_id))
+        self._problems.clear(_finish_problem(task_id))
+
+    async def _retry_failed_writes(self) -> None:
+        """Retries the failed resume writes and finishes, with backoff, while there are any."""
+        delay = self._options.write_retry_initial
+        while True:
+            if not self._has_failed_writes():
+                delay = self._options.write_retry_initial
+                self._write_failed = anyio.Event()
+                await self._write_failed.wait()
+            await anyio.sleep(delay)
+            await self._retry_writes_in_order()
+            delay = min(delay * 2, self._options.write_retry_max)
+
+    async def _retry_writes_in_order(self) -> None:
+        """Retries the failed writes through the worker's event queue: in order with newer
+        resume data, which is handled there too, so an older one never replaces it."""
+        retry = _RetryWrites()
+        self._worker_events_send.send_nowait(retry)
+        await retry.done.wait()
+
+    async def _retry_writes_now(self) -> None:
+        for event in list(self._unwritten_resume.values()):
+            del self._unwritten_resume[event.task_id]
+            await self._keep_resume_data(event)
+        for finish in list(self._unrecorded_finish.values()):
+            await self._record_finish(finish)
 
     async def _flush_worker_events(self) -> None:
         """Returns once every event read from the worker so far has been handled."""
@@ -565,6 +673,7 @@ class SessionActor(Actor[SessionCommand]):
                 DoneReply,
             )
         await self._flush_worker_events()
+        self._drop_failed_writes(command.task_id)
         for path in (
             self._options.layout.resume_path(command.task_id),
             self._options.layout.torrent_path(command.task_id),
@@ -600,12 +709,21 @@ class SessionActor(Actor[SessionCommand]):
                                 ResumeSavedReply,
                             )
                     await self._flush_worker_events()  # the resume data reaches the disk
+                    if self._has_failed_writes():
+                        await self._retry_writes_in_order()  # once more, before it is lost
                 if scope.cancelled_caught:
                     log.warning(
                         "resume data not all saved within shutdown_timeout (%g s)",
                         self._options.shutdown_timeout,
                     )
             finally:
+                if self._has_failed_writes():
+                    log.error(
+                        "stopping with the resume data of %d download(s) and the finish of %d "
+                        "not kept (see problems above): they start from older data next time",
+                        len(self._unwritten_resume),
+                        len(self._unrecorded_finish),
+                    )
                 await worker.close(self._options.worker_stop_timeout)
 
 
@@ -624,6 +742,22 @@ class _Flush:
     """A marker in the worker's event queue: `done` is set when the handler reaches it."""
 
     done: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass
+class _RetryWrites:
+    """A marker in the worker's event queue: the handler retries the failed writes there, then
+    sets `done`."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+def _resume_problem(task_id: str) -> str:
+    return f"resume:{task_id}"
+
+
+def _finish_problem(task_id: str) -> str:
+    return f"finish:{task_id}"
 
 
 async def resolve_peers(peers: tuple[str, ...]) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import libtorrent as lt
@@ -78,6 +79,8 @@ DEFAULT_SETTINGS: dict[str, str | int | bool] = {
 }
 
 _SAVE_RESUME_FLAGS = lt.torrent_handle.save_info_dict | lt.torrent_handle.flush_disk_cache
+# torrent_handle::query_save_path, which the bindings do not name: status() with only it.
+_QUERY_SAVE_PATH = 1 << 7
 FLUSH_TIMEOUT = 5.0  # seconds to wait for a cache_flushed_alert before giving up on it
 
 
@@ -175,6 +178,20 @@ class _Torrent:
 
     def holds_anything(self) -> bool:
         return bool(self.held_resume) or self.finish_held_until is not None
+
+    def payload_files(self) -> tuple[str, ...]:
+        """The absolute paths of every file this download may hold bytes in: each of its files
+        (whatever its priority now: it may have been wanted before) and libtorrent's part file,
+        which keeps the pieces of priority-0 files. Empty without metadata."""
+        if not self.handle.status(0).has_metadata:
+            return ()
+        save_path = self.handle.status(_QUERY_SAVE_PATH).save_path
+        storage = self.handle.torrent_file().layout()
+        folder = Path(save_path)
+        paths = [str(folder / storage.file_path(index)) for index in real_files(storage)]
+        # Named after the best hash: v1, or the truncated v2 of a v2 or hybrid torrent.
+        paths.append(str(folder / f".{self.handle.info_hashes().get_best()}.parts"))
+        return tuple(paths)
 
 
 @dataclass
@@ -594,13 +611,22 @@ class SessionWorker:
         done = torrent.flushes_completed
         while torrent.held_resume and torrent.held_resume[0][0] <= done:
             _, data, progress = torrent.held_resume.pop(0)
+            # The parent makes these files durable before it keeps the resume data (an fsync
+            # here would stop this loop, heartbeats included, for as long as the disk takes).
             self.send(
-                ResumeDataSaved(task_id=torrent.task_id, resume_b64=_b64(data), progress=progress)
+                ResumeDataSaved(
+                    task_id=torrent.task_id,
+                    resume_b64=_b64(data),
+                    progress=progress,
+                    payload_files=torrent.payload_files(),
+                )
             )
             self.resume_saved(torrent.task_id, saved=True)
         if torrent.finish_held_until is not None and torrent.finish_held_until <= done:
             torrent.finish_held_until = None
-            self.send(TorrentFinished(task_id=torrent.task_id))
+            self.send(
+                TorrentFinished(task_id=torrent.task_id, payload_files=torrent.payload_files())
+            )
             self.request_save({torrent.task_id})
 
     # --- output ---------------------------------------------------------------------------------

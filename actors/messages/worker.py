@@ -215,10 +215,13 @@ class MetadataReceived(Message):
 
 
 class TorrentFinished(Message):
-    """Every wanted piece is downloaded and checked."""
+    """Every wanted piece is downloaded, checked and handed to the OS (a disk flush completed
+    after it); not yet durable: `payload_files` (absolute paths, some perhaps never made) are
+    to be fsynced before the finish is recorded."""
 
     kind: Literal["finished"] = "finished"
     task_id: TaskId
+    payload_files: tuple[str, ...] = ()
 
 
 class TorrentFailed(Message):
@@ -237,10 +240,15 @@ class TorrentStateChanged(Message):
 
 
 class ResumeDataSaved(Message):
+    """Resume data, held until a disk flush after it completed: the bytes it claims are in the
+    OS's hands, not yet durable: `payload_files` (absolute paths, some perhaps never made) are
+    to be fsynced before it is kept."""
+
     kind: Literal["resume_data_saved"] = "resume_data_saved"
     task_id: TaskId
     resume_b64: str
     progress: float  # of the download, when the resume data was taken
+    payload_files: tuple[str, ...] = ()
 
 
 WorkerOutput = Annotated[
