@@ -5,6 +5,7 @@ change is answered ok before it is there, and nothing the state file refused is 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -12,8 +13,25 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import anyio
+import orjson
 import pytest
 
+from actors.bus import EventBus
+from actors.errors import StateWriteFailed
+from actors.mailbox import actor_group
+from actors.messages.persistence import RecordChanges
+from actors.messages.session import (
+    DownloadErrored,
+    DownloadFinished,
+    DownloadProgressKept,
+    SessionEvent,
+)
+from actors.monitor import MonitorActor
+from actors.persistence import Persistence, PersistenceActor
+from actors.problems import Problems
+from actors.state import DownloadStatus, MigrationContext
+from actors.statefile import StateStore
 from tests.api import (
     DEADLINE,
     Library,
@@ -27,8 +45,9 @@ from tests.api import (
 )
 from tests.daemons import Daemon, RawClient
 from tests.mounts import fill, needs_root, tmpfs
+from tests.records import make_record
 from tests.test_stop import children
-from tests.torrents import make_payload
+from tests.torrents import Payload, make_payload
 
 STRACE = shutil.which("strace")
 needs_strace = pytest.mark.skipif(STRACE is None, reason="needs strace (.ci/run installs it)")
@@ -117,14 +136,31 @@ def test_a_completion_the_full_disk_refused_is_saved_and_published_once_there_is
         saved = library.state()["full"]
         assert saved["status"] == "completed"
         assert saved["progress"] == 1.0
-        log = daemon.log.read_text()
-        assert "problem over: the completion of download full" in log
-        assert "problem over: the state file" in log
+        # The problem ends once the events queued behind the completion are recorded too.
+        wait_until(
+            lambda: "problem over: the completion of download full" in daemon.log.read_text(),
+            "the end of the problem to be logged",
+        )
+        assert "problem over: the state file" in daemon.log.read_text()
         problems = listed_problems(client)
         assert problems is None or problems == [], problems
         # Published once: a new subscriber is re-offered it, this one got no second copy.
         assert no_event(events, "download.completed", "full", within=0.5)
     assert retried_within < 40, retried_within
+
+
+def add_until_saved(client: RawClient, payload: Payload, task_id: str) -> None:
+    """Adds `payload` until an add is answered ok; each refused one is on disk nowhere."""
+
+    def added() -> bool:
+        reply = client.request("add", torrent_b64=b64(payload.torrent), task_id=task_id)
+        if not reply["ok"]:
+            assert code_of(reply) == "internal", reply
+            assert code_of(client.request("get", task_id=task_id)) == "not_found"
+        return bool(reply["ok"])
+
+    wait_until(added, f"the add of {task_id} to be saved")
+    assert client.call("get", task_id=task_id)["task_id"] == task_id
 
 
 @needs_root
@@ -152,13 +188,16 @@ def test_an_io_error_after_the_rename_leaves_the_state_file_as_the_daemon_answer
         # the refused add out of downloads.json, and the copy of its .torrent is gone.
         wait_until(lambda: "refused" not in library.state() or None, "the state rewritten", 10)
         assert not (library.torrents / "refused.torrent").exists()
-        log = daemon.log.read_text()
-        assert "problem: the state file" in log and "problem over: the state file" in log
+        wait_until(
+            lambda: "problem over: the state file" in daemon.log.read_text(),
+            "the end of the problem to be logged",
+        )
         assert listed_problems(client) in (None, [])
         # Changes are saved again; the refused torrent is in libtorrent under no task_id.
-        client.call("add", torrent_b64=b64(later.torrent), task_id="later")
-        again = client.call("add", torrent_b64=b64(refused.torrent), task_id="refused-again")
-        assert again["task_id"] == "refused-again"
+        # (strace counts fsyncs per thread: the first of each new thread of the daemon's pool
+        # fails too, so an add may still be refused, and is then retried.)
+        add_until_saved(client, later, "later")
+        add_until_saved(client, refused, "refused-again")
         assert set(library.state()) == {"later", "refused-again"}
         (worker_and_daemon,) = children(daemon.process.pid)
         os.kill(worker_and_daemon, signal.SIGTERM)  # the daemon itself, not strace
@@ -167,3 +206,59 @@ def test_an_io_error_after_the_rename_leaves_the_state_file_as_the_daemon_answer
         assert code_of(client.request("get", task_id="refused")) == "not_found"
         listed = {info["task_id"] for info in client.call("list")["downloads"]}
         assert listed == {"later", "refused-again"}
+
+
+async def reported(problems: Problems, *keys: str, timeout: float = 10.0) -> None:
+    """Returns once every one of `keys` is a current problem (Problems has no event to wait
+    on: it is polled, under a deadline)."""
+    for _ in range(int(timeout / 0.02)):
+        if all(problems.has(key) for key in keys):
+            return
+        await anyio.sleep(0.02)
+    raise AssertionError(f"not reported within {timeout:g} s: {keys}; now: {problems.current()}")
+
+
+@needs_root
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_a_refused_completion_is_retried_in_order_and_changes_meanwhile_fail_fast(
+    tmp_path: Path,
+) -> None:
+    # The monitor and persistence actors on a real full tmpfs, fed the session's events.
+    state_dir = tmp_path / "data"
+    with tmpfs(state_dir, "1m"):
+        store = StateStore(state_dir, MigrationContext(download_path=tmp_path / "downloads"))
+        problems, bus = Problems(), EventBus()
+        published = bus.subscribe()
+        report, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
+        async with actor_group() as group:
+            persistence = Persistence(await group.start(PersistenceActor(store, problems)))
+            await persistence.add(make_record("a"))
+            await persistence.add(make_record("b"))
+            await group.start(MonitorActor(persistence, events, bus, problems))
+            filler = fill(state_dir)
+            report.send_nowait(DownloadFinished(task_id="a"))
+            # Behind it: an error of the same download, which must not overtake it (it would
+            # make it failed, and the completion then finds nothing active to complete).
+            report.send_nowait(DownloadErrored(task_id="a", error="a tracker said no"))
+            report.send_nowait(DownloadProgressKept(task_id="b", progress=0.5))
+            await reported(problems, "state-write", "record:a")
+            # While the rewrite keeps failing, a change is refused at once, not left waiting.
+            with anyio.fail_after(2), pytest.raises(StateWriteFailed):
+                await persistence.update("b", RecordChanges(progress=0.75))
+            assert (await persistence.get("a")).status is DownloadStatus.DOWNLOADING
+            with pytest.raises(anyio.WouldBlock):
+                published.events.receive_nowait()
+
+            filler.unlink()
+            with anyio.fail_after(40):
+                event = await published.events.receive()
+            assert event.model_dump()["event"] == "download.completed"
+            assert (await persistence.get("a")).status is DownloadStatus.COMPLETED
+            on_disk = orjson.loads(store.path.read_bytes())["downloads"]
+            assert on_disk["a"]["status"] == "completed"
+            assert on_disk["b"]["progress"] == 0.0  # refused, and not retried: the next will do
+            assert problems.current() == []
+            with pytest.raises(anyio.WouldBlock):
+                published.events.receive_nowait()  # no download.failed after it
+        report.close()
