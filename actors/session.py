@@ -486,6 +486,7 @@ class SessionActor(Actor[SessionCommand]):
         on failure keeps it to retry (see `_retry_failed_writes`)."""
         task_id = event.task_id
         if task_id in self._forgotten:
+            self._unrecorded_finish.pop(task_id, None)
             return
         try:
             await anyio.to_thread.run_sync(self._fsync_payload, event.payload_files)
@@ -695,11 +696,9 @@ class SessionActor(Actor[SessionCommand]):
         with anyio.CancelScope(shield=True):
             self._stopping = True  # from now on the worker's exit is no reason for a restart
             worker = self._worker
-            if worker is None:
-                return
             try:
                 with anyio.move_on_after(self._options.shutdown_timeout) as scope:
-                    if self._worker_ready:
+                    if worker is not None and self._worker_ready:
                         with contextlib.suppress(DlkeeperError):
                             await worker.request(
                                 lambda request_id: SaveResumeData(
@@ -724,7 +723,8 @@ class SessionActor(Actor[SessionCommand]):
                         len(self._unwritten_resume),
                         len(self._unrecorded_finish),
                     )
-                await worker.close(self._options.worker_stop_timeout)
+                if worker is not None:
+                    await worker.close(self._options.worker_stop_timeout)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import libtorrent as lt
 import pytest
 
+from actors.atomic import fsync_files
 from tests.api import (
     NO_QUEUE,
     Library,
@@ -279,3 +280,21 @@ def test_a_failing_payload_fsync_keeps_back_the_fastresume_and_the_completion_un
             assert client.call("get", task_id="eio")["status"] == "completed"
     assert hashes_match(layout.download_path, payload)
     assert daemon.log.read_text().count("problem over") == 2
+
+
+@pytest.mark.timeout(10)
+def test_fsync_files_syncs_the_regular_files_and_skips_what_is_missing_a_fifo_or_a_symlink(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "downloads"
+    (root / "Release" / "sub").mkdir(parents=True)
+    kept = [root / "Release" / "a.bin", root / "Release" / "sub" / "b.bin"]
+    for path in kept:
+        path.write_bytes(b"x" * 1000)
+    fifo = root / "Release" / "fifo"
+    os.mkfifo(fifo)  # an open for reading would wait for a writer forever
+    link = root / "Release" / "link"
+    link.symlink_to(kept[0])
+    missing = root / "Release" / "never-written.bin"
+    paths = [str(path) for path in (*kept, fifo, link, missing)]
+    assert fsync_files(paths, root=str(root)) == len(kept)
