@@ -133,7 +133,8 @@ def test_a_download_on_a_fat_drive_pauses_resumes_completes_and_survives_restart
             with daemon.client() as client, daemon.client() as events:
                 events.call("subscribe")
                 # Still paused, and resumed from its resume data: the bytes are not fetched again.
-                assert wait_status(client, "usb", "paused")["downloaded_bytes"] > 0
+                wait_status(client, "usb", "paused")
+                wait_until(lambda: downloaded(client, "usb") > 0, "the resumed bytes")
                 client.call("resume", task_id="usb")
                 event = wait_event(events, "download.completed", "usb", timeout=60)
                 assert event["save_path"] == str(download_path)
