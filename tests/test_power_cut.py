@@ -245,12 +245,24 @@ def act_until_the_cut(
         number += 1
 
 
-def one_cut(site: Site, payload: Payload, seeder: Seeder, chooser: random.Random) -> CutResult:
-    """One power cut at a random moment of the download, and the judgement of the copy."""
+def cut_moments() -> tuple[float, float]:
+    """The span of a cut's moment, in seconds after the add: the download, and after it."""
+    return 0.2, sum(PAYLOAD_FILES.values()) / SEEDER_RATE * 1.5
+
+
+def one_cut(
+    site: Site,
+    payload: Payload,
+    seeder: Seeder,
+    chooser: random.Random,
+    moment: float | None = None,
+) -> CutResult:
+    """One power cut at `moment` (random if None) of the download, and the judgement of the
+    copy."""
     site.work.mkdir(parents=True, exist_ok=True)
     make_image(site.image, "ext4", IMAGE_MIB)
-    expected = sum(PAYLOAD_FILES.values()) / SEEDER_RATE
-    moment = chooser.uniform(0.2, expected * 1.5)  # some after it finished, too
+    if moment is None:
+        moment = chooser.uniform(*cut_moments())
     with mounted(site.image, site.mountpoint, "ext4", *MOUNT_OPTIONS):
         config = config_for(site, "before")
         daemon = Daemon(config)
@@ -339,10 +351,14 @@ def test_a_power_cut_at_random_moments_loses_no_acknowledged_change_and_trusts_n
     chooser = random.Random(seed)
     results: list[CutResult] = []
     with power_cut_swarm(tmp_path) as (payload, seeder):
+        first, last = cut_moments()
+        slot = (last - first) / CUTS
         for number in range(CUTS):
+            # One random moment in each of CUTS slots: early, mid-download, late, after.
+            moment = first + slot * (number + chooser.random())
             site = Site(tmp_path / f"cut-{number}")
             try:
-                results.append(one_cut(site, payload, seeder, chooser))
+                results.append(one_cut(site, payload, seeder, chooser, moment))
             finally:
                 cleanup(site)
     failed = [result for result in results if not result.ok]
