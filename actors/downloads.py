@@ -37,11 +37,13 @@ _LIVE_STATES: dict[str, LiveStatus] = {
 
 def live_status(record: DownloadRecord, live: TorrentStatus | None) -> LiveStatus:
     """The contract's status: the saved one for paused and finished downloads, else libtorrent's
-    (a download that libtorrent's queue holds back is `queued`)."""
+    (a download that libtorrent's queue holds back, or that waits for disk space, is `queued`)."""
     if record.status in (DownloadStatus.COMPLETED, DownloadStatus.FAILED, DownloadStatus.PAUSED):
         return record.status.value  # type: ignore[return-value]
     if live is None:
         return record.status.value  # type: ignore[return-value]
+    if live.waiting_for_space is not None:
+        return "queued"
     if live.error:
         return "failed"
     if _held_in_queue(live):
@@ -88,7 +90,8 @@ def download_info(record: DownloadRecord, live: TorrentStatus | None) -> Downloa
     total = live.total_bytes if live is not None else sum(f.size for f in files if f.priority)
     status = live_status(record, live)
     # libtorrent's rates are moving averages that fade for seconds after a pause or the end.
-    stopped = status in ("paused", "failed")
+    waiting_for_space = live.waiting_for_space if live is not None else None
+    stopped = status in ("paused", "failed") or waiting_for_space is not None
     downloading = not stopped and status != "completed"
     return DownloadInfo(
         task_id=record.task_id,
@@ -106,7 +109,8 @@ def download_info(record: DownloadRecord, live: TorrentStatus | None) -> Downloa
         save_path=record.save_path,
         created_at=record.created_at,
         completed_at=record.completed_at,
-        error=record.error,
+        # A wait for space is not saved (a restart meets the full disk again), only shown.
+        error=waiting_for_space if waiting_for_space and status == "queued" else record.error,
         files=files,
     )
 

@@ -16,6 +16,9 @@ libtorrent never fsyncs, so before a `.fastresume` is kept, and before a finish 
 not leave resume data claiming pieces the disk never got, nor a completed download with holes.
 A write or fsync that fails is kept (the newest resume data per download) and retried with
 backoff, reported in `problems` meanwhile: libtorrent hands its resume data out only once.
+
+A download whose disk is full is not errored: it waits for space (`actors.diskspace`), with the
+other downloads on that file system, and goes on by itself once there is space again.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from actors import diskspace
 from actors.atomic import fsync_files, read_small_file, write_file_atomically
+from actors.diskspace import SpaceWaits
 from actors.errors import (
     DlkeeperError,
     InvalidTorrent,
@@ -81,12 +86,15 @@ from actors.messages.worker import (
     ResumeTorrent,
     SaveResumeData,
     SetTorrentFiles,
+    SpaceBack,
     StatusReply,
     TorrentAddedReply,
     TorrentFailed,
     TorrentFinished,
+    TorrentOutOfSpace,
     TorrentStateChanged,
     TorrentStatus,
+    WaitForSpace,
 )
 from actors.metainfo import torrent_name
 from actors.persistence import Persistence
@@ -105,6 +113,7 @@ class SessionOptions:
     libtorrent: Mapping[str, str | int | bool] = field(default_factory=dict)
     resume_save_interval: float = 60.0
     shutdown_timeout: float = 5.0
+    min_free_bytes: int = 0  # kept free on a download's file system (a full one waits for it)
     heartbeat_interval: float = 1.0  # seconds between pings of the worker
     heartbeat_timeout: float = 3.0  # a ping unanswered this long means the worker hangs
     start_timeout: float = 30.0  # for the worker's `ready`
@@ -150,6 +159,9 @@ class SessionActor(Actor[SessionCommand]):
         self._last_failure = ""
         self._resumed_at_start = 0
         self._resume_failures = 0
+        self._space = SpaceWaits(options.min_free_bytes)
+        self._space_lock = anyio.Lock()  # one look at the free space at a time
+        self._space_wanted = anyio.Event()  # set: look at the free space now
         # Failed to keep, so kept here to retry (libtorrent hands each out once): the newest
         # resume data of each download, and finishes whose files could not be made durable.
         self._unwritten_resume: dict[str, ResumeDataSaved] = {}
@@ -177,6 +189,7 @@ class SessionActor(Actor[SessionCommand]):
             task_group.start_soon(self._handle_worker_events)
             task_group.start_soon(self._save_resume_data_periodically)
             task_group.start_soon(self._retry_failed_writes)
+            task_group.start_soon(self._watch_space)
             async for envelope in inbox:
                 task_group.start_soon(self._serve, envelope.message, envelope.asked())
                 del envelope  # not kept until the next command: an add's holds its .torrent
@@ -388,6 +401,7 @@ class SessionActor(Actor[SessionCommand]):
             log.warning("download %s: %s; using its magnet link", record.task_id, sources.problem)
         peers = await resolve_peers(record.peers)
         self._forgotten.discard(record.task_id)
+        full_disk = await self._full_disk_reason(record.save_path)
 
         def add_from(torrent_b64: str | None) -> Callable[[int], AddTorrent]:
             return lambda request_id: AddTorrent(
@@ -400,6 +414,7 @@ class SessionActor(Actor[SessionCommand]):
                 file_priorities=record.file_priorities,
                 paused=record.status is DownloadStatus.PAUSED,
                 peers=peers,
+                wait_for_space=full_disk,
             )
 
         try:
@@ -435,6 +450,7 @@ class SessionActor(Actor[SessionCommand]):
         elif isinstance(event, MetadataReceived):
             if event.task_id in self._forgotten:
                 return
+            await self._wait_unless_it_fits(event.task_id)
             path = self._options.layout.torrent_path(event.task_id)
             data = _unb64(event.torrent_b64)
             await anyio.to_thread.run_sync(write_file_atomically, path, data)
@@ -447,6 +463,18 @@ class SessionActor(Actor[SessionCommand]):
             await self._record_finish(event)
         elif isinstance(event, TorrentFailed):
             await self._publish.send(DownloadErrored(task_id=event.task_id, error=event.error))
+        elif isinstance(event, TorrentOutOfSpace):
+            download_path = self._options.layout.download_path
+            try:
+                place = await anyio.to_thread.run_sync(
+                    diskspace.place_of, event.save_path, download_path
+                )
+            except OSError:  # the worker holds it all the same: the next look adopts it
+                place = None
+            log.warning("download %s waits for disk space: %s", event.task_id, event.error)
+            if place is not None:
+                self._space.ran_out(place)
+            self._space_wanted.set()
         elif isinstance(event, WorkerRestarted):
             await self._publish.send(event)
         elif isinstance(event, TorrentStateChanged):
@@ -550,6 +578,123 @@ class SessionActor(Actor[SessionCommand]):
         for finish in list(self._unrecorded_finish.values()):
             await self._record_finish(finish)
 
+    # --- waiting for disk space ---------------------------------------------------------------
+
+    async def _watch_space(self) -> None:
+        """While downloads wait for space: a look at it every POLL_INTERVAL, and at once when
+        asked (`_space_wanted`)."""
+        while True:
+            if not self._space:
+                await self._space_wanted.wait()
+            self._space_wanted = anyio.Event()
+            worker = self._worker
+            if worker is not None and self._worker_ready:
+                try:
+                    await self._look_at_space(worker)
+                except DlkeeperError as exc:
+                    log.warning("cannot look at the disk space downloads wait for: %s", exc)
+            with anyio.move_on_after(diskspace.POLL_INTERVAL):
+                await self._space_wanted.wait()
+
+    async def _look_at_space(self, worker: WorkerProcess) -> None:
+        """Holds what must wait for space (every download writing to a full file system),
+        lets go what may go on, and says so in `problems`."""
+        async with self._space_lock:
+            timeout = self._options.request_timeout
+            reply = await worker.request(
+                lambda request_id: GetTorrentStatus(id=request_id), timeout, StatusReply
+            )
+            paths = self._space.paths()
+
+            def measure() -> tuple[dict[str, int | None], dict[int, int | None]]:
+                devices = diskspace.devices_of(torrent.save_path for torrent in reply.torrents)
+                free = {device: diskspace.free_bytes(path) for device, path in paths.items()}
+                return devices, free
+
+            devices, free = await anyio.to_thread.run_sync(measure)
+            plan = self._space.plan(reply.torrents, devices, free)
+            for reason, task_ids in plan.holds.items():
+                await worker.request(
+                    _wait_for_space(task_ids, reason),
+                    timeout,
+                    DoneReply,
+                )
+            if plan.releases:
+                log.info("disk space is back for %s", ", ".join(plan.releases))
+                await worker.request(
+                    lambda request_id: SpaceBack(id=request_id, task_ids=plan.releases),
+                    timeout,
+                    DoneReply,
+                )
+            for key, sentence in plan.problems.items():
+                if sentence is None:
+                    self._problems.clear(key)
+                else:
+                    self._problems.report(key, sentence)
+
+    async def _full_disk_reason(self, save_path: str) -> str | None:
+        """Why a download saved at `save_path` must wait, when its file system is full."""
+        if not self._space:
+            return None
+        download_path = self._options.layout.download_path
+        try:
+            place = await anyio.to_thread.run_sync(diskspace.place_of, save_path, download_path)
+        except OSError:
+            return None
+        if not self._space.is_full(place.device):
+            return None
+        free = await anyio.to_thread.run_sync(diskspace.free_bytes, save_path)
+        return self._space.full_reason(place.device, free)
+
+    async def _wait_unless_it_fits(self, task_id: str) -> None:
+        """A magnet's metadata arrived, and the worker holds it until told: it waits when its
+        wanted bytes do not fit in the free space less min_free_bytes (the add preflight could
+        not know them) or its disk is full, else it goes on."""
+        worker = self._worker
+        if worker is None:
+            return  # the replay adds it again, from its .torrent then
+        try:
+            reason = await self._why_it_does_not_fit(worker, task_id)
+        except (DlkeeperError, OSError) as exc:
+            log.warning("download %s: cannot tell whether it fits: %s", task_id, _reason(exc))
+            reason = None
+        timeout = self._options.request_timeout
+        with contextlib.suppress(DlkeeperError):  # removed meanwhile, or the worker is gone
+            if reason is None:
+                await worker.request(
+                    lambda request_id: SpaceBack(id=request_id, task_ids=(task_id,)),
+                    timeout,
+                    DoneReply,
+                )
+            else:
+                log.warning("download %s: %s", task_id, reason)
+                await worker.request(_wait_for_space((task_id,), reason), timeout, DoneReply)
+                self._space_wanted.set()
+
+    async def _why_it_does_not_fit(self, worker: WorkerProcess, task_id: str) -> str | None:
+        reply = await worker.request(
+            lambda request_id: GetTorrentStatus(id=request_id, task_id=task_id),
+            self._options.request_timeout,
+            StatusReply,
+        )
+        (status,) = reply.torrents
+        wanted = status.total_bytes - status.downloaded_bytes
+        if status.finished or wanted <= 0:
+            return None
+        download_path = self._options.layout.download_path
+
+        def measure() -> tuple[diskspace.Place, int | None]:
+            place = diskspace.place_of(status.save_path, download_path)
+            return place, diskspace.free_bytes(status.save_path)
+
+        place, free = await anyio.to_thread.run_sync(measure)
+        if self._space.is_full(place.device):
+            return self._space.full_reason(place.device, free)
+        if self._space.fits(free, wanted):
+            return None
+        self._space.does_not_fit(place, task_id, wanted)
+        return self._space.need_reason(place.device, free, wanted)
+
     async def _flush_worker_events(self) -> None:
         """Returns once every event read from the worker so far has been handled."""
         flush = _Flush()
@@ -649,6 +794,13 @@ class SessionActor(Actor[SessionCommand]):
                 timeout,
                 DoneReply,
             )
+            if self._space:  # resumed onto a full disk: it waits, before libtorrent starts it
+                try:
+                    await self._look_at_space(worker)
+                except WorkerGone:
+                    raise
+                except DlkeeperError as exc:  # the resume is done; the next look holds it
+                    log.warning("cannot look at the disk space downloads wait for: %s", exc)
         elif isinstance(command, SetDownloadFiles):
             await worker.request(
                 lambda request_id: SetTorrentFiles(
@@ -779,6 +931,10 @@ async def resolve_peers(peers: tuple[str, ...]) -> tuple[str, ...]:
         else:
             resolved.append(peer)
     return tuple(resolved)
+
+
+def _wait_for_space(task_ids: tuple[str, ...], reason: str) -> Callable[[int], WaitForSpace]:
+    return lambda request_id: WaitForSpace(id=request_id, task_ids=task_ids, reason=reason)
 
 
 def _task_of(command: SessionCommand) -> str | None:

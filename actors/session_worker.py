@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -50,12 +51,15 @@ from actors.messages.worker import (
     SaveResumeData,
     SettingsRejected,
     SetTorrentFiles,
+    SpaceBack,
     StatusReply,
     TorrentAddedReply,
     TorrentFailed,
     TorrentFinished,
+    TorrentOutOfSpace,
     TorrentStateChanged,
     TorrentStatus,
+    WaitForSpace,
     WireError,
     WorkerReady,
     WorkerReply,
@@ -82,6 +86,8 @@ _SAVE_RESUME_FLAGS = lt.torrent_handle.save_info_dict | lt.torrent_handle.flush_
 # torrent_handle::query_save_path, which the bindings do not name: status() with only it.
 _QUERY_SAVE_PATH = 1 << 7
 FLUSH_TIMEOUT = 5.0  # seconds to wait for a cache_flushed_alert before giving up on it
+# A write failing with one of these waits for space; any other file error fails the download.
+OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def check_settings(settings: dict[str, str | int | bool]) -> tuple[str, str] | None:
@@ -154,6 +160,7 @@ class _Torrent:
     task_id: str
     handle: Any
     info_hash: str
+    save_path: str
     pending_priorities: tuple[int, ...] | None = None
     last_state: str = ""
     # libtorrent hashes blocks before it has written them, so "have" (and "finished") can run
@@ -164,6 +171,10 @@ class _Torrent:
     held_resume: list[tuple[int, bytes, float]] = field(default_factory=list)
     finish_held_until: int | None = None
     held_since: float = 0.0
+    # Held for want of disk space (WaitForSpace): why, and whether it runs once space is back.
+    waiting_for_space: str | None = None
+    run_after_wait: bool = False
+    checking_fit: bool = False  # a magnet's metadata arrived: in upload mode until SpaceBack
 
     def request_flush(self) -> int:
         """Asks libtorrent to write what it holds; returns the flush's number."""
@@ -260,13 +271,18 @@ class SessionWorker:
             self.add(request)
         elif isinstance(request, PauseTorrent):
             torrent = self.torrent(request.task_id)
+            torrent.run_after_wait = False  # waiting for space: it stays paused after
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
             self.request_save({request.task_id})
             self.reply(request.id, DoneReply())
         elif isinstance(request, ResumeTorrent):
-            # Back to libtorrent's queue, which starts it at its next tick (see add()).
-            self.torrent(request.task_id).handle.set_flags(lt.torrent_flags.auto_managed)
+            torrent = self.torrent(request.task_id)
+            if torrent.waiting_for_space is not None:
+                torrent.run_after_wait = True  # it goes on once space is back, not now
+            else:
+                # Back to libtorrent's queue, which starts it at its next tick (see add()).
+                torrent.handle.set_flags(lt.torrent_flags.auto_managed)
             self.reply(request.id, DoneReply())
         elif isinstance(request, RemoveTorrent):
             self.remove(request)
@@ -276,6 +292,16 @@ class SessionWorker:
             self.status(request)
         elif isinstance(request, SaveResumeData):
             self.save_resume_data(request)
+        elif isinstance(request, WaitForSpace):
+            for task_id in request.task_ids:
+                if task_id in self.torrents:
+                    self.wait_for_space(self.torrents[task_id], request.reason)
+            self.reply(request.id, DoneReply())
+        elif isinstance(request, SpaceBack):
+            for task_id in request.task_ids:
+                if task_id in self.torrents:
+                    self.space_back(self.torrents[task_id])
+            self.reply(request.id, DoneReply())
         elif isinstance(request, Ping):
             self.reply(request.id, PongReply(torrents=len(self.torrents)))
 
@@ -319,7 +345,10 @@ class SessionWorker:
         # starts it at its next tick and keeps at most active_downloads running at once. A
         # paused one is taken out of the queue and stays paused until resumed.
         flags = params.flags | lt.torrent_flags.duplicate_is_error | lt.torrent_flags.paused
-        if request.paused:
+        # Resume data saved while the disk was full says upload mode (see space_back): a
+        # restart tries the disk again instead of seeding only.
+        flags &= ~lt.torrent_flags.upload_mode
+        if request.paused or request.wait_for_space is not None:
             flags &= ~lt.torrent_flags.auto_managed
         else:
             flags |= lt.torrent_flags.auto_managed
@@ -446,7 +475,51 @@ class SessionWorker:
             num_peers=status.num_peers,
             error=status.errc.message() if status.errc.value() else None,
             files=files,
+            save_path=torrent.save_path,
+            waiting_for_space=torrent.waiting_for_space,
         )
+
+    def out_of_space(self, torrent: _Torrent, error: str) -> None:
+        """A write of `torrent` failed for want of space: it waits, and so do the others that
+        write to the same folder, at once (libtorrent's queue would start one in its place);
+        the session then holds every download on that file system, and says when to go on."""
+        reason = f"waiting for disk space: {error}"
+        self.wait_for_space(torrent, reason)
+        for other in self.torrents.values():
+            if other.save_path == torrent.save_path and other.waiting_for_space is None:
+                flags = other.handle.flags()
+                if flags & lt.torrent_flags.auto_managed and not other.handle.status(0).is_finished:
+                    self.wait_for_space(other, reason)
+        self.send(
+            TorrentOutOfSpace(task_id=torrent.task_id, error=error, save_path=torrent.save_path)
+        )
+
+    def wait_for_space(self, torrent: _Torrent, reason: str) -> None:
+        """Holds `torrent` until `space_back` (see `WaitForSpace`)."""
+        if torrent.waiting_for_space is None:
+            flags = torrent.handle.flags()
+            torrent.run_after_wait = bool(flags & lt.torrent_flags.auto_managed)
+            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.pause()
+        # EDQUOT puts the torrent in libtorrent's error state (ENOSPC only in upload mode):
+        # here that is a wait, not a failure.
+        torrent.handle.clear_error()
+        torrent.waiting_for_space = reason
+
+    def space_back(self, torrent: _Torrent) -> None:
+        """Lets a download held by `wait_for_space` go on as it was (see `SpaceBack`)."""
+        if torrent.checking_fit:
+            torrent.checking_fit = False
+            torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
+        if torrent.waiting_for_space is None:
+            return
+        torrent.waiting_for_space = None
+        torrent.handle.clear_error()
+        # After a write failed for want of space libtorrent stops downloading (upload mode),
+        # and only takes the torrent out of that after optimistic_disk_retry (10 minutes).
+        torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
+        if torrent.run_after_wait:
+            torrent.handle.set_flags(lt.torrent_flags.auto_managed)
 
     def save_resume_data(self, request: SaveResumeData) -> None:
         if request.task_id is not None:
@@ -520,6 +593,12 @@ class SessionWorker:
                     alert.handle.prioritize_files(full)
                 torrent.pending_priorities = None
             self.remember(torrent)  # now under its v1 hash too, for hybrid torrents
+            if torrent.waiting_for_space is None:
+                # No writes until the session has seen that its files fit: it answers SpaceBack,
+                # or WaitForSpace when they do not. Upload mode, not a pause, which would drop
+                # the peers that gave the metadata (reconnected only after min_reconnect_time).
+                torrent.handle.set_flags(lt.torrent_flags.upload_mode)
+                torrent.checking_fit = True
             self.send(MetadataReceived(task_id=task_id, torrent_b64=_b64(torrent_bytes)))
         elif isinstance(alert, lt.torrent_finished_alert):
             torrent.finish_held_until = torrent.request_flush()
@@ -536,13 +615,26 @@ class SessionWorker:
             log.warning("%s: resume data not saved: %s", task_id, alert.message())
             self.resume_saved(task_id, saved=False)
         elif isinstance(alert, lt.file_error_alert | lt.torrent_error_alert):
-            self.send(TorrentFailed(task_id=task_id, error=alert.message()))
+            self.on_error(torrent, alert)
         elif isinstance(alert, lt.state_changed_alert):
             state, previous = str(alert.state), str(alert.prev_state)
             torrent.last_state = state
             self.send(TorrentStateChanged(task_id=task_id, state=state, previous=previous))
         elif isinstance(alert, lt.fastresume_rejected_alert):
             log.warning("%s: resume data rejected: %s", task_id, alert.message())
+
+    def on_error(self, torrent: _Torrent, alert: Any) -> None:
+        """A file or torrent error: out of space, it waits (see `out_of_space`); else it fails."""
+        if torrent.waiting_for_space is not None:
+            # What the writes that failed cause (a hybrid torrent's pieces then fail one of
+            # their two hashes) is no failure of the download: it comes back, if it is one.
+            if not _is_out_of_space(alert.error):  # every write in flight fails: not those
+                log.info("%s: %s (while waiting for disk space)", torrent.task_id, alert.message())
+            torrent.handle.clear_error()
+        elif _is_out_of_space(alert.error):
+            self.out_of_space(torrent, alert.message())
+        else:
+            self.send(TorrentFailed(task_id=torrent.task_id, error=alert.message()))
 
     def task_of(self, alert: Any) -> str | None:
         handle = getattr(alert, "handle", None)
@@ -576,7 +668,10 @@ class SessionWorker:
             return
         # The hash it was added by stays its name (a v2 magnet's, say), even once metadata
         # tells the v1 hash of a hybrid torrent too.
-        torrent = _Torrent(request.task_id, alert.handle, info_hash)
+        torrent = _Torrent(request.task_id, alert.handle, info_hash, request.save_path)
+        if request.wait_for_space is not None:  # added held (see add())
+            torrent.waiting_for_space = request.wait_for_space
+            torrent.run_after_wait = not request.paused
         if request.file_priorities and params.ti is None:
             torrent.pending_priorities = request.file_priorities  # applied when metadata arrives
         self.remember(torrent)
@@ -647,6 +742,13 @@ class SessionWorker:
             traceback=trace,
         )
         self.send(WorkerReply(id=request_id, ok=False, error=wire))
+
+
+def _is_out_of_space(error: Any) -> bool:
+    """Whether libtorrent's error_code is ENOSPC or EDQUOT (an errno: system or generic)."""
+    return error.category().name() in ("system", "generic") and (
+        error.value() in OUT_OF_SPACE_ERRNOS
+    )
 
 
 def _b64(data: bytes) -> str:

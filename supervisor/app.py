@@ -226,4 +226,5 @@ def session_options(config: Config) -> SessionOptions:
         libtorrent=dict(config.libtorrent),
         resume_save_interval=config.resume_save_interval,
         shutdown_timeout=config.shutdown_timeout,
+        min_free_bytes=config.min_free_bytes,
     )

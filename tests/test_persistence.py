@@ -47,9 +47,9 @@ class GatedStore(StateStore):
         self.gate.set()
         self.written: list[frozenset[str]] = []
 
-    def write(self, downloads: Mapping[str, DownloadRecord]) -> None:
+    def write(self, downloads: Mapping[str, DownloadRecord], *, keep_backup: bool = True) -> None:
         assert self.gate.wait(DEADLINE), "the test never opened the gate"
-        super().write(downloads)
+        super().write(downloads, keep_backup=keep_backup)
         self.written.append(frozenset(downloads))
 
 

@@ -34,6 +34,8 @@ class AddTorrent(WorkerCommand):
     file_priorities: tuple[FilePriority, ...] = ()
     paused: bool = False
     peers: tuple[str, ...] = ()
+    # Its file system is full: added held, waiting for space with this reason (see WaitForSpace).
+    wait_for_space: str | None = None
 
 
 class PauseTorrent(WorkerCommand):
@@ -76,6 +78,26 @@ class SaveResumeData(WorkerCommand):
     only_if_modified: bool = True
 
 
+class WaitForSpace(WorkerCommand):
+    """Hold these downloads until `SpaceBack`: paused in libtorrent and out of its queue, with
+    whether they were running kept aside (a pause or resume meanwhile changes only that), and
+    `reason` as their status's `waiting_for_space`. For one already waiting: the new reason.
+    Downloads not in the session are skipped."""
+
+    kind: Literal["wait_for_space"] = "wait_for_space"
+    task_ids: tuple[TaskId, ...]
+    reason: str
+
+
+class SpaceBack(WorkerCommand):
+    """Space is back for these downloads: each goes on as it was before it waited (a running
+    one back to libtorrent's queue), unless paused meanwhile. Others are skipped. Also the
+    answer to a `MetadataReceived` whose files fit: the worker writes none until it comes."""
+
+    kind: Literal["space_back"] = "space_back"
+    task_ids: tuple[TaskId, ...]
+
+
 class Ping(WorkerCommand):
     kind: Literal["ping"] = "ping"
 
@@ -89,6 +111,8 @@ WorkerRequest = Annotated[
     | SetTorrentFiles
     | GetTorrentStatus
     | SaveResumeData
+    | WaitForSpace
+    | SpaceBack
     | Ping,
     Field(discriminator="kind"),
 ]
@@ -120,6 +144,8 @@ class TorrentStatus(Message):
     num_peers: int
     error: str | None
     files: tuple[FileEntry, ...]
+    save_path: str = ""
+    waiting_for_space: str | None = None  # why it is held (WaitForSpace), while it is
 
 
 class WireError(Message):
@@ -207,7 +233,8 @@ class SettingsRejected(Message):
 
 
 class MetadataReceived(Message):
-    """A magnet's metadata arrived; the parent keeps the .torrent."""
+    """A magnet's metadata arrived; the parent keeps the .torrent, and says whether its files
+    fit (`SpaceBack`, or `WaitForSpace`): until then the worker writes none of them."""
 
     kind: Literal["metadata_received"] = "metadata_received"
     task_id: TaskId
@@ -230,6 +257,16 @@ class TorrentFailed(Message):
     kind: Literal["failed"] = "failed"
     task_id: TaskId
     error: str
+
+
+class TorrentOutOfSpace(Message):
+    """A write of the download failed for want of space (ENOSPC, EDQUOT): the worker now holds
+    it as `WaitForSpace` does, and the session decides when space is back. Sent once a wait."""
+
+    kind: Literal["out_of_space"] = "out_of_space"
+    task_id: TaskId
+    error: str
+    save_path: str
 
 
 class TorrentStateChanged(Message):
@@ -258,6 +295,7 @@ WorkerOutput = Annotated[
     | MetadataReceived
     | TorrentFinished
     | TorrentFailed
+    | TorrentOutOfSpace
     | TorrentStateChanged
     | ResumeDataSaved,
     Field(discriminator="kind"),
