@@ -3,10 +3,12 @@
 `dlkeeper-state` is a thin layer over this module: `check_records` finds every problem the
 daemon would meet when it loads and replays the state, `salvage` reads what can be kept of a
 damaged state file, `needs_quarantine` tells which downloads cannot be resumed at all,
-`rebuild_records` recreates records from the `.torrent` and `.fastresume` files, and
-`merge_quarantine` keeps quarantined records. Nothing here takes the lock or writes a file;
-the only files read are the state's `.torrent` and `.fastresume` companions and the save paths.
-libtorrent is not imported: resume data is bencode, read by `actors.metainfo.bdecode`.
+`rebuild_records` recreates records from the `.torrent` and `.fastresume` files, `reconcile`
+merges those with what a backup holds (for `rebuild` and for the daemon's own fallback to the
+backup), and `merge_quarantine` keeps quarantined records. Nothing here takes the lock or
+writes a file; the only files read are the state's `.torrent` and `.fastresume` companions,
+the save paths and their mtimes. libtorrent is not imported: resume data is bencode, read by
+`actors.metainfo.bdecode`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from actors.metainfo import (
 from actors.state import (
     ACTIVE_STATUSES,
     CURRENT_VERSION,
+    FINISHED_STATUSES,
     TASK_ID_PATTERN,
     DownloadRecord,
     DownloadStatus,
@@ -328,6 +331,9 @@ class RebuiltDownload:
     record: DownloadRecord
     torrent: bytes | None = None
     notes: tuple[str, ...] = ()
+    # When its .fastresume was written (st_mtime_ns), if it held resume data of this torrent.
+    resume_saved_ns: int | None = None
+    progress_known: bool = False  # the resume data's pieces could be read
 
 
 @dataclass(frozen=True)
@@ -412,6 +418,7 @@ def _rebuild_one(task_id: str, paths: Layout) -> RebuiltDownload:
     resume_path = paths.resume_path(task_id)
     sources = _read_sources(task_id, paths, notes)
     summary, resume = sources.summary, sources.resume
+    resume_saved_ns = _mtime_ns(resume_path) if resume is not None else None
     info_hash = summary.info_hash if summary is not None else None
     if info_hash is None and resume is not None:
         info_hash = resume_info_hash(resume)
@@ -446,7 +453,13 @@ def _rebuild_one(task_id: str, paths: Layout) -> RebuiltDownload:
         progress=progress,
         completed_at=completed_at,
     )
-    return RebuiltDownload(record, sources.torrent if sources.recreated else None, tuple(notes))
+    return RebuiltDownload(
+        record,
+        sources.torrent if sources.recreated else None,
+        tuple(notes),
+        resume_saved_ns=resume_saved_ns,
+        progress_known=have is not None,
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -473,6 +486,13 @@ def _mtime(*candidates: Path) -> datetime:
         except OSError:
             continue
     return datetime.now(UTC)
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _info_dict(torrent: bytes | None) -> dict[bytes, Any] | None:
@@ -621,3 +641,185 @@ def _magnet(info_hash: str, name: str, resume: Mapping[bytes, Any]) -> str:
 
 def _quote(text: str) -> str:
     return quote(text, safe="")
+
+
+# --- reconciling a backup with the .torrent and .fastresume files -------------------------------
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """A backup merged with the kept files. `torrents` are .torrent files to write back (made
+    from resume data); `dropped` are the backup's entries left out, with why, for the
+    quarantine file; `notes` say, one sentence each, what differs from the backup."""
+
+    downloads: dict[str, DownloadRecord]
+    torrents: dict[str, bytes]
+    dropped: dict[str, Rejected]
+    notes: tuple[str, ...]
+    skipped: dict[str, str]  # task_id -> why its files gave no record (and no backup has it)
+
+
+def reconcile(
+    backup: Mapping[str, DownloadRecord] | None,
+    backup_saved_ns: int | None,
+    paths: Layout,
+    set_aside: Mapping[str, str | None] | None = None,
+) -> Reconciled:
+    """What the state should be, from a backup (None: there is none that loads; `backup_saved_ns`
+    is its mtime) and the `.torrent`/`.fastresume` files in `{download_path}/torrents/`.
+
+    - Every download of the backup is kept as it is (peers, metadata, magnet, save path,
+      priorities), except that resume data written at or after the backup (by mtime) gives its
+      pause state, progress and completion: the backup is one write behind, and every pause,
+      resume and completion saves resume data after the state write that made it. A finished
+      (completed or failed) download of the backup stays as it is. A kept .torrent fills a
+      magnet's `torrent_file_path` (metadata that came after the backup). When its files are of
+      another torrent, it was cancelled and added again under its id after the backup: the
+      files' download replaces it.
+    - A download of the backup whose own .torrent copy (`torrent_file_path` in torrents/) and
+      resume data are both gone is left out (into `dropped`): only a cancel or an ack deletes
+      both, so it was forgotten after the backup was written. A magnet that never had metadata
+      leaves no files at all, so it is always kept: its cancel in the very write that was lost
+      cannot be told from no cancel, and losing a download is worse than the bot cancelling
+      it again. Nothing is left out while `torrents/` itself is missing (outside damage).
+    - Every download the files have and the backup lacks is added from them, as `rebuild`
+      recreates it, unless it is in `set_aside` (task_id -> info hash: the quarantine file,
+      which `dlkeeper-state remove` and `repair` leave the files of) or its torrent is already
+      the backup's under another id.
+    """
+    rebuilt = rebuild_records(paths)
+    with_files = set(rebuilt.downloads) | set(rebuilt.skipped)
+    set_aside = set_aside or {}
+    downloads: dict[str, DownloadRecord] = {}
+    torrents: dict[str, bytes] = {}
+    dropped: dict[str, Rejected] = {}
+    notes: list[str] = []
+    for task_id, kept in (backup or {}).items():
+        found = rebuilt.downloads.get(task_id)
+        if found is None:
+            if task_id not in with_files and _forgotten(kept, paths):
+                reason = (
+                    "its .torrent and resume data are gone: it was cancelled or acknowledged "
+                    "after the backup was written"
+                )
+                dropped[task_id] = Rejected(record_json(kept), reason)
+                notes.append(f"{task_id}: left out: {reason}")
+            else:
+                downloads[task_id] = kept
+            continue
+        if kept.info_hash is not None and found.record.info_hash != kept.info_hash:
+            reason = (
+                f"its files are of the torrent {found.record.info_hash}, not "
+                f"{kept.info_hash}: it was cancelled and added again after the backup"
+            )
+            dropped[task_id] = Rejected(record_json(kept), reason)
+            notes.append(f"{task_id}: {reason}; the download of its files is kept")
+            downloads[task_id] = found.record
+            if found.torrent is not None:
+                torrents[task_id] = found.torrent
+            continue
+        merged, changes = _merge(kept, found, backup_saved_ns)
+        downloads[task_id] = merged
+        if changes:
+            notes.append(f"{task_id}: {', '.join(changes)}")
+        if found.torrent is not None and merged.torrent_file_path == str(
+            paths.torrent_path(task_id)
+        ):
+            torrents[task_id] = found.torrent
+    owners = {record.info_hash: task_id for task_id, record in downloads.items()}
+    for task_id, found in rebuilt.downloads.items():
+        if task_id in downloads or task_id in dropped:
+            continue
+        record = found.record
+        if task_id in set_aside and set_aside[task_id] in (None, record.info_hash):
+            notes.append(
+                f"{task_id}: its files are not used: it was taken out of the state "
+                "(it is in the quarantine file)"
+            )
+            continue
+        owner = owners.get(record.info_hash)
+        if owner is not None:
+            notes.append(f"{task_id}: its files are not used: its torrent is {owner}'s")
+            continue
+        downloads[task_id] = record
+        owners[record.info_hash] = task_id
+        if found.torrent is not None:
+            torrents[task_id] = found.torrent
+        if backup is not None:
+            notes.append(f"{task_id}: added from its files (the backup does not hold it)")
+        notes.extend(f"{task_id}: {note}" for note in found.notes)
+    skipped = {t: why for t, why in rebuilt.skipped.items() if t not in downloads}
+    return Reconciled(downloads, torrents, dropped, tuple(notes), skipped)
+
+
+def _forgotten(record: DownloadRecord, paths: Layout) -> bool:
+    """Whether the download's own files are gone as only a cancel or an ack removes them."""
+    if not paths.torrents_dir.is_dir() or record.torrent_file_path is None:
+        return False
+    own = paths.torrent_path(record.task_id)
+    if Path(record.torrent_file_path) != own:
+        return False  # a .torrent kept elsewhere (a migrated file): a cancel leaves it
+    return not own.exists() and not paths.resume_path(record.task_id).exists()
+
+
+def _merge(
+    kept: DownloadRecord, found: RebuiltDownload, backup_saved_ns: int | None
+) -> tuple[DownloadRecord, list[str]]:
+    """The backup's record with what its newer files know; the changes, said for a note."""
+    files = found.record
+    update: dict[str, Any] = {}
+    changes: list[str] = []
+    if kept.info_hash is None:
+        update["info_hash"] = files.info_hash
+    if kept.torrent_file_path is None and files.torrent_file_path is not None:
+        update["torrent_file_path"] = files.torrent_file_path
+        changes.append("its .torrent copy (metadata that came after the backup) is used")
+        if kept.name in ("", kept.info_hash):
+            update["name"] = files.name
+    newer = found.resume_saved_ns is not None and (
+        backup_saved_ns is None or found.resume_saved_ns >= backup_saved_ns
+    )
+    if newer and kept.status not in FINISHED_STATUSES:
+        taken: list[str] = []
+        status = _newer_status(kept.status, files.status)
+        if status is not kept.status:
+            update["status"] = status
+            taken.append(f"{status} (the backup says {kept.status})")
+        if status is DownloadStatus.COMPLETED:
+            update["progress"] = 1.0
+            update["completed_at"] = files.completed_at
+        elif found.progress_known and files.progress != kept.progress:
+            update["progress"] = files.progress
+            taken.append(f"progress {files.progress:.0%} (the backup says {kept.progress:.0%})")
+        if taken:
+            changes.append(f"{' and '.join(taken)}, from resume data saved after the backup")
+    return (kept.model_copy(update=update) if update else kept), changes
+
+
+def _newer_status(backup: DownloadStatus, files: DownloadStatus) -> DownloadStatus:
+    """The status of an active download whose resume data is newer than the backup."""
+    if files in (DownloadStatus.COMPLETED, DownloadStatus.PAUSED):
+        return files
+    if backup is DownloadStatus.PAUSED:
+        return files  # resumed after the backup
+    if files is DownloadStatus.DOWNLOADING:
+        return files
+    return backup  # queued by the files' measure, which cannot tell downloading from queued
+
+
+def quarantined_downloads(quarantine: bytes | None) -> dict[str, str | None]:
+    """task_id -> info hash of every entry in a quarantine file (see `merge_quarantine`);
+    empty for none, or for a file that is not one."""
+    if quarantine is None:
+        return {}
+    try:
+        data = orjson.loads(quarantine)
+    except orjson.JSONDecodeError:
+        return {}
+    entries = data.get("downloads") if isinstance(data, dict) else None
+    found: dict[str, str | None] = {}
+    for entry in entries.values() if isinstance(entries, dict) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("task_id"), str):
+            info_hash = entry.get("info_hash")
+            found[entry["task_id"]] = info_hash if isinstance(info_hash, str) else None
+    return found

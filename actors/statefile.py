@@ -20,7 +20,13 @@ import filelock
 
 from actors.atomic import fsync_directory, write_file_atomically, write_temporary
 from actors.errors import CorruptState, StateError, StateLocked
-from actors.layout import STATE_FILE_NAME
+from actors.layout import STATE_FILE_NAME, Layout
+from actors.recovery import (
+    Reconciled,
+    merge_quarantine,
+    quarantined_downloads,
+    reconcile,
+)
 from actors.state import (
     CURRENT_VERSION,
     DecodedState,
@@ -64,6 +70,7 @@ class LoadReport:
     version_backup: Path | None = None
     quarantined: tuple[Path, ...] = ()
     problems: tuple[str, ...] = ()
+    reconciled: tuple[str, ...] = ()  # what the backup was reconciled with the kept files
 
 
 @dataclass
@@ -153,7 +160,11 @@ class StateStore:
                 problems.append(f"{candidate.name}: {exc}")
                 quarantined.append(self._quarantine(candidate))
                 continue
-            return self._adopt(decoded, source, raw, tuple(quarantined), tuple(problems))
+            notes: tuple[str, ...] = ()
+            if source is LoadSource.BACKUP:
+                decoded, notes = self._reconcile_backup(decoded, candidate.stat().st_mtime_ns)
+            kept = tuple(quarantined)
+            return self._adopt(decoded, source, raw, kept, tuple(problems), reconciled=notes)
         source = LoadSource.EMPTY if quarantined else LoadSource.NEW
         report = LoadReport(source, quarantined=tuple(quarantined), problems=tuple(problems))
         _log_report(report, self.path, 0)
@@ -166,6 +177,8 @@ class StateStore:
         raw: bytes,
         quarantined: tuple[Path, ...],
         problems: tuple[str, ...],
+        *,
+        reconciled: tuple[str, ...] = (),
     ) -> tuple[dict[str, DownloadRecord], LoadReport]:
         version_backup: Path | None = None
         migrated = decoded.from_version != CURRENT_VERSION
@@ -182,9 +195,47 @@ class StateStore:
             version_backup=version_backup,
             quarantined=quarantined,
             problems=problems,
+            reconciled=reconciled,
         )
         _log_report(report, self.path, len(decoded.downloads))
         return decoded.downloads, report
+
+    def _reconcile_backup(
+        self, decoded: DecodedState, saved_ns: int
+    ) -> tuple[DecodedState, tuple[str, ...]]:
+        """The backup merged with the kept .torrent/.fastresume files (`actors.recovery.
+        reconcile`): the backup is one write behind, and the files hold what came after it.
+        A .torrent recreated from resume data is written back, and an entry left out goes to
+        the quarantine file (kept in full when that file cannot take it)."""
+        layout = Layout(self.directory.parent, self.migration.download_path)
+        try:
+            existing = self.quarantine_path.read_bytes()
+        except FileNotFoundError:
+            existing = None
+        try:
+            merged = reconcile(decoded.downloads, saved_ns, layout, quarantined_downloads(existing))
+        except OSError as exc:  # torrents/ cannot be listed: the backup is all there is
+            return decoded, (f"not reconciled: {layout.torrents_dir}: {exc.strerror or exc}",)
+        downloads = dict(merged.downloads)
+        notes = list(merged.notes)
+        if merged.dropped:
+            try:
+                data = merge_quarantine(existing, merged.dropped, datetime.now(UTC))
+                write_file_atomically(self.quarantine_path, data)
+            except (CorruptState, OSError) as exc:
+                notes.append(
+                    f"{self.quarantine_path.name} cannot take the entries left out ({exc}); "
+                    "they are kept in the state instead"
+                )
+                for task_id in merged.dropped:
+                    downloads.setdefault(task_id, decoded.downloads[task_id])
+            else:
+                notes.append(f"the entries left out are kept in {self.quarantine_path.name}")
+        try:
+            keep_recreated_torrents(merged, layout)
+        except OSError as exc:
+            notes.append(f"a .torrent recreated from resume data cannot be written: {exc}")
+        return DecodedState(downloads, decoded.from_version), tuple(notes)
 
     def _quarantine(self, path: Path) -> Path:
         """Renames a file that failed to load out of the way, its bytes untouched."""
@@ -317,6 +368,16 @@ class StateStore:
         return target
 
 
+def keep_recreated_torrents(merged: Reconciled, layout: Layout) -> None:
+    """Writes the .torrent files a reconciliation recreated from resume data, keeping a broken
+    file that was in the way as `.corrupt-<time>`."""
+    for task_id, torrent in merged.torrents.items():
+        kept = layout.torrent_path(task_id)
+        if kept.exists():
+            kept.rename(_unique(kept.with_name(f"{kept.name}.corrupt-{utc_stamp()}")))
+        write_file_atomically(kept, torrent)
+
+
 def _unique(path: Path) -> Path:
     """`path`, or `path-1`, `path-2`, ... so that a second quarantine in one second keeps both."""
     candidate, n = path, 0
@@ -329,6 +390,10 @@ def _unique(path: Path) -> Path:
 def _log_report(report: LoadReport, path: Path, count: int) -> None:
     for problem in report.problems:
         log.error("state: %s", problem)
+    for note in report.reconciled:
+        log.warning("state: the backup reconciled with the kept files: %s", note)
+    if report.source is LoadSource.BACKUP and not report.reconciled:
+        log.info("state: the backup agrees with the kept .torrent/.fastresume files")
     if report.migrated_from is not None:
         log.warning(
             "state: migrated %s from version %d; the old file is kept as %s",
