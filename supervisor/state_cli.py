@@ -36,8 +36,9 @@ from actors.recovery import (
     check_records,
     is_resumable,
     merge_quarantine,
+    quarantined_downloads,
     read_resume,
-    rebuild_records,
+    reconcile,
     record_json,
     salvage,
     torrent_from_resume,
@@ -50,7 +51,7 @@ from actors.state import (
     MigrationContext,
     decode_state,
 )
-from actors.statefile import StateStore, utc_stamp
+from actors.statefile import StateStore, keep_recreated_torrents, utc_stamp
 from supervisor import __version__, exits
 from supervisor.cli import add_path_flags, path_flags
 from supervisor.config import load_config
@@ -132,15 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rebuild = commands.add_parser(
         "rebuild",
-        help="recreate downloads.json from the .torrent/.fastresume files in torrents/",
+        help="recreate downloads.json from downloads.json.bak and the files in torrents/",
         description=(
-            "Recreate downloads.json from {download_path}/torrents/<task_id>.torrent and "
-            ".fastresume files: name, info hash, save path, file priorities, pause state and "
-            "progress come from the resume data where it holds them. Peers, torrent_metadata "
-            "and validation_metadata lived only in the state file and cannot be recovered "
-            "(restore brings them back from a backup). Refuses to replace a state file that "
-            "loads, or to run while downloads.json.bak loads (restore it instead), unless "
-            "--force; a replaced file is kept as "
+            "Recreate a lost or damaged downloads.json. It starts from downloads.json.bak when "
+            "that loads (peers, torrent_metadata, validation_metadata, magnet links, pause "
+            "state), adds every download whose {download_path}/torrents/<task_id>.torrent or "
+            ".fastresume the backup lacks, and takes pause state and progress from resume data "
+            "saved after the backup (the backup is one write behind). A download of the backup "
+            "whose .torrent copy and resume data are both gone was cancelled or acknowledged "
+            "after the backup: it is left out, into downloads.json.quarantine. A download "
+            "only the files know gets name, info hash, save path, file priorities, pause state "
+            "and progress from its resume data, but no peers or metadata. Refuses to replace "
+            "a state file that loads unless --force; a replaced file is kept as "
             "downloads.json.before-rebuild-<time> (or .corrupt-<time>)."
         ),
         epilog=_WRITING_EPILOG,
@@ -480,65 +484,84 @@ def _print_remaining(downloads: dict[str, DownloadRecord], paths: Layout) -> Non
 
 def _rebuild(library: _Library, *, force: bool) -> int:
     store, paths = library.store, library.paths
-    rebuilt = rebuild_records(paths)
     current = _current_state(library)
-    if current is None and not force and _backup_loads(store):
-        # The backup holds what rebuild cannot recover (peers, metadata, magnet-only
-        # downloads), and the next write would replace it with the rebuilt state.
-        raise _Refused(
-            f"not rebuilding: {store.backup_path.name} loads; `dlkeeper-state restore` puts it "
-            "back with everything in it (--force rebuilds anyway)"
-        )
+    backup, backup_problem = _read_backup(store)
+    sources = f"{paths.torrents_dir}" + (f" and {store.backup_path.name}" if backup else "")
+    merged = reconcile(
+        backup.downloads if backup is not None else None,
+        _mtime_ns(store.backup_path) if backup is not None else None,
+        paths,
+        quarantined_downloads(_quarantine_bytes(store)),
+    )
     if current is not None and not force:
-        print(
-            f"would rebuild {_count(len(rebuilt.downloads), 'download')} from {paths.torrents_dir}:"
-        )
-        for entry in rebuilt.downloads.values():
-            print(_line(entry.record))
+        print(f"would rebuild {_count(len(merged.downloads), 'download')} from {sources}:")
+        for record in merged.downloads.values():
+            print(_line(record))
         raise _Refused(
             f"not replacing {store.path}: it loads ({current}); "
             "--force replaces it, keeping it as downloads.json.before-rebuild-<time>"
         )
-    if not rebuilt.downloads:
-        reasons = "".join(f"; {task}: {why}" for task, why in rebuilt.skipped.items())
-        raise _Refused(f"nothing to rebuild from in {paths.torrents_dir}{reasons}")
-    for task_id, entry in rebuilt.downloads.items():
-        if entry.torrent is not None:
-            kept = paths.torrent_path(task_id)
-            if kept.exists():
-                kept.rename(kept.with_name(f"{kept.name}.corrupt-{utc_stamp()}"))
-            write_file_atomically(kept, entry.torrent)
+    if not merged.downloads:
+        reasons = "".join(f"; {task}: {why}" for task, why in merged.skipped.items())
+        raise _Refused(f"nothing to rebuild from in {sources}{reasons}")
+    if merged.dropped:
+        data = merge_quarantine(_read_quarantine(store), merged.dropped, datetime.now(UTC))
+        write_file_atomically(store.quarantine_path, data)
+    keep_recreated_torrents(merged, paths)
     label = "before-rebuild" if current is not None else "corrupt"
     aside = store.set_aside(label)
-    store.write({task_id: entry.record for task_id, entry in rebuilt.downloads.items()})
-    print(
-        f"rebuilt {_count(len(rebuilt.downloads), 'download')} in {store.path} "
-        f"from {paths.torrents_dir}:"
-    )
-    for entry in rebuilt.downloads.values():
-        print(_line(entry.record))
-        for note in entry.notes:
-            print(f"  {entry.record.task_id}: {note}")
-    for task_id, why in rebuilt.skipped.items():
+    store.write(merged.downloads)
+    print(f"rebuilt {_count(len(merged.downloads), 'download')} in {store.path} from {sources}:")
+    for record in merged.downloads.values():
+        print(_line(record))
+    for note in merged.notes:
+        print(f"  {note}")
+    for task_id, why in merged.skipped.items():
         print(f"skipped {task_id}: {why}")
+    if merged.dropped:
+        print(f"the entries left out are kept in {store.quarantine_path.name}")
     if aside is not None:
         print(f"the replaced state file is kept as {aside.name}")
-    print("not recoverable from these files: peers, torrent_metadata, validation_metadata")
-    if store.backup_path.exists():
-        print(
-            f"hint: {store.backup_path.name} exists; if it loads, `dlkeeper-state restore` "
-            "brings back those fields too (for the downloads it holds)"
-        )
+    if backup is None:
+        if backup_problem is not None:
+            print(backup_problem)
+        print("not recoverable from these files: peers, torrent_metadata, validation_metadata")
+    else:
+        only_files = [t for t in merged.downloads if t not in backup.downloads]
+        if only_files:
+            print(
+                f"not recoverable for {', '.join(only_files)} (not in {store.backup_path.name}): "
+                "peers, torrent_metadata, validation_metadata"
+            )
     return exits.OK
 
 
-def _backup_loads(store: StateStore) -> bool:
+def _read_backup(store: StateStore) -> tuple[DecodedState | None, str | None]:
+    """The backup when it loads; else None and, when there is one, why it is not used."""
     try:
         raw = read_small_file(store.backup_path, _MAX_STATE_BYTES)
-        decode_state(raw, store.backup_path, store.migration)
-    except (CorruptState, StateTooNew, OSError, DlkeeperError):
-        return False
-    return True
+    except FileNotFoundError:
+        return None, None
+    except (OSError, DlkeeperError) as exc:
+        return None, f"{store.backup_path.name} cannot be read ({exc}); rebuilt from the files"
+    try:
+        return decode_state(raw, store.backup_path, store.migration), None
+    except (CorruptState, StateTooNew) as exc:
+        return None, f"{store.backup_path.name} does not load ({exc}); rebuilt from the files"
+
+
+def _quarantine_bytes(store: StateStore) -> bytes | None:
+    try:
+        return store.quarantine_path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _current_state(library: _Library) -> str | None:

@@ -451,20 +451,27 @@ def test_rebuild_sets_a_garbage_state_file_aside(
     assert [path.read_bytes() for path in aside] == [b"\xff\xfe garbage"]
 
 
-def test_rebuild_refuses_while_the_backup_loads_and_points_at_restore(
+@pytest.mark.timeout(10)
+def test_rebuild_while_the_backup_loads_starts_from_it_and_exits_0(
     library: Library, payloads: dict[str, Payload]
 ) -> None:
-    record = library.torrent_record("alpha", payloads["Alpha"])
-    library.write_state(record)
-    library.write_state(record)  # the first file is now the .bak
+    record = library.torrent_record(
+        "alpha", payloads["Alpha"], peers=("127.0.0.1:6881",), torrent_metadata={"id": 7}
+    )
+    magnet = library.magnet_record("m1")  # no file knows it: only the backup does
+    library.write_state(record, magnet)
+    library.write_state(record, magnet)  # the first file is now the .bak
     library.state_file.unlink()
     backup = (library.state_dir / "downloads.json.bak").read_bytes()
-    status, _, err = library.run("rebuild")
-    assert status == 1
-    assert "downloads.json.bak loads; `dlkeeper-state restore` puts it back" in err
-    assert not library.state_file.exists()
+    status, out, err = library.run("rebuild")
+    assert status == 0, err
+    assert library.read_state() == {"alpha": record, "m1": magnet}
+    assert out.startswith(
+        f"rebuilt 2 downloads in {library.state_file} from {library.torrents_dir} and "
+        "downloads.json.bak:\n"
+    )
+    assert "not recoverable" not in out
     assert (library.state_dir / "downloads.json.bak").read_bytes() == backup
-    assert library.run("rebuild", "--force")[0] == 0
 
 
 def test_rebuild_survives_resume_data_with_a_time_no_calendar_holds(
