@@ -64,6 +64,41 @@ class Layout:
                 )
         return None
 
+    def storage_devices(self) -> tuple[int, int]:
+        """The file systems (st_dev) of library_path and download_path now: compared later by
+        `storage_gone`, they tell a drive unmounted under a running daemon."""
+        return (self.library_path.stat().st_dev, self.download_path.stat().st_dev)
+
+    def storage_gone(self, devices: tuple[int, int]) -> StorageMissing | None:
+        """Whether the storage the daemon started on is gone: a folder missing, the torrents
+        folder missing, or a folder now on another file system than `devices` (what
+        `storage_devices` said at start): the mount point of a drive unmounted, say."""
+        missing = self.missing_storage()
+        if missing is not None:
+            return missing
+        try:
+            now = self.storage_devices()
+            torrents_there = self.torrents_dir.is_dir()
+        except OSError as exc:
+            return StorageMissing(f"the library's folders cannot be read: {exc}")
+        for key, path, before, after in zip(
+            ("library_path", "download_path"),
+            (self.library_path, self.download_path),
+            devices,
+            now,
+            strict=True,
+        ):
+            if before != after:
+                return StorageMissing(
+                    f"{key} {path} is no longer on the file system it was on at start "
+                    "(was its drive unmounted?)"
+                )
+        if not torrents_there:
+            return StorageMissing(
+                f"{self.torrents_dir} is gone (was the drive of download_path unmounted?)"
+            )
+        return None
+
     def leftover_temporaries(self) -> list[Path]:
         """The temporary files of .torrent and .fastresume writes a crash left behind
         (`.<task_id>.fastresume.<random>.tmp`, as `actors.atomic` names them)."""

@@ -46,6 +46,7 @@ from actors.errors import (
     NotFound,
     NotReady,
     RestartIntensityExceeded,
+    StorageMissing,
     WorkerGone,
     WorkerTimeout,
 )
@@ -159,6 +160,7 @@ class SessionActor(Actor[SessionCommand]):
         self._last_failure = ""
         self._resumed_at_start = 0
         self._resume_failures = 0
+        self._storage_at_start: tuple[int, int] | None = None  # file systems of the folders
         self._space = SpaceWaits(options.min_free_bytes)
         self._space_lock = anyio.Lock()  # one look at the free space at a time
         self._space_wanted = anyio.Event()  # set: look at the free space now
@@ -174,6 +176,10 @@ class SessionActor(Actor[SessionCommand]):
         self._worker_events = events_receive
 
     async def on_start(self) -> None:
+        with contextlib.suppress(OSError):  # missing: the daemon does not start (supervisor.app)
+            self._storage_at_start = await anyio.to_thread.run_sync(
+                self._options.layout.storage_devices
+            )
         # A crash mid-write leaves `.<task_id>.fastresume.<random>.tmp` behind: nobody's now.
         leftovers = await anyio.to_thread.run_sync(self._options.layout.leftover_temporaries)
         for path in leftovers:
@@ -462,6 +468,12 @@ class SessionActor(Actor[SessionCommand]):
         elif isinstance(event, TorrentFinished):
             await self._record_finish(event)
         elif isinstance(event, TorrentFailed):
+            gone = await anyio.to_thread.run_sync(self._storage_gone)
+            if gone is not None:
+                # A file error of a drive that went away: not the download's failure. The
+                # daemon stops on it (supervisor.app), and the replay after it goes on.
+                log.error("download %s: %s; not failed, as %s", event.task_id, event.error, gone)
+                return
             await self._publish.send(DownloadErrored(task_id=event.task_id, error=event.error))
         elif isinstance(event, TorrentOutOfSpace):
             download_path = self._options.layout.download_path
@@ -694,6 +706,11 @@ class SessionActor(Actor[SessionCommand]):
             return None
         self._space.does_not_fit(place, task_id, wanted)
         return self._space.need_reason(place.device, free, wanted)
+
+    def _storage_gone(self) -> StorageMissing | None:
+        if self._storage_at_start is None:
+            return None
+        return self._options.layout.storage_gone(self._storage_at_start)
 
     async def _flush_worker_events(self) -> None:
         """Returns once every event read from the worker so far has been handled."""

@@ -64,6 +64,10 @@ async def run_daemon(config: Config) -> None:
                 # 3. Start the libtorrent worker and replay every queued, downloading and
                 #    paused download into it. What libtorrent reports meanwhile waits in `events`.
                 await _make_torrents_dir(config.layout, persistence)
+                # A drive unmounted under the running daemon stops it (exit 4, as at start):
+                # its downloads must not turn failed for files that are merely not there.
+                devices = await anyio.to_thread.run_sync(config.layout.storage_devices)
+                daemon.start_soon(_watch_storage, config.layout, devices, stop)
                 publish, events = anyio.create_memory_object_stream[SessionEvent](math.inf)
                 options = session_options(config)
                 session_actor = SessionActor(options, persistence, publish, problems)
@@ -74,7 +78,7 @@ async def run_daemon(config: Config) -> None:
                     daemon.start_soon(_cancel_on, stop.requested, replaying)
                     await session.wait_replayed(timeout=SESSION_START_TIMEOUT)
                 if replaying.cancelled_caught:
-                    log.info("received %s during the replay: stopping", stop.name)
+                    log.info("%s during the replay: stopping", stop.said())
                     systemd.notify("STOPPING=1")
                 else:
                     # 4. Only now handle completions (the ones reported during the replay first).
@@ -100,7 +104,7 @@ async def run_daemon(config: Config) -> None:
                             store.path,
                         )
                         await stop.requested.wait()
-                        log.info("received %s: stopping", stop.name)
+                        log.info("%s: stopping", stop.said())
                         systemd.notify("STOPPING=1")
                         serving.cancel_scope.cancel()  # stop accepting; the socket goes
                     # Resume data for every download now, while the monitor still records the
@@ -113,6 +117,8 @@ async def run_daemon(config: Config) -> None:
                 # Leaving the actor group stops the monitor, then the session (which saves
                 # resume data, bounded by shutdown_timeout), then persistence (the lock).
             daemon.cancel_scope.cancel()
+    if stop.error is not None:
+        raise stop.error
     log.info("stopped cleanly")
 
 
@@ -143,10 +149,36 @@ async def _make_torrents_dir(layout: Layout, persistence: Persistence) -> None:
 
 @dataclass
 class _StopRequest:
-    """Set by the first SIGTERM or SIGINT."""
+    """Set by the first SIGTERM or SIGINT, or by storage that went away (`error`)."""
 
     requested: anyio.Event = field(default_factory=anyio.Event)
     name: str = ""
+    error: DlkeeperError | None = None  # raised once the daemon has stopped
+
+    def said(self) -> str:
+        return self.name if self.error is not None else f"received {self.name}"
+
+
+STORAGE_CHECK_INTERVAL = 1.0  # seconds between looks at the library's folders
+
+
+async def _watch_storage(
+    layout: Layout,
+    devices: tuple[int, int],
+    stop: _StopRequest,
+    interval: float = STORAGE_CHECK_INTERVAL,
+) -> None:
+    """Asks for a stop when library_path or download_path goes away (see
+    `Layout.storage_gone`); the daemon then exits 4, and systemd starts it again, which waits
+    for the drive as at boot."""
+    while not stop.requested.is_set():
+        gone = await anyio.to_thread.run_sync(layout.storage_gone, devices)
+        if gone is not None:
+            log.error("%s: stopping (the downloads stay as they are)", gone)
+            stop.name, stop.error = "storage gone", gone
+            stop.requested.set()
+            return
+        await anyio.sleep(interval)
 
 
 async def _watch_signals(signals: AsyncIterator[int], stop: _StopRequest) -> None:

@@ -22,9 +22,10 @@ from tests.api import (
     payload_files,
     seeding_now,
     wait_status,
+    wait_until,
 )
-from tests.daemons import DEADLINE, layout_of, running_daemon, write_config
-from tests.mounts import loop_mounted, make_image, needs_root
+from tests.daemons import DEADLINE, Daemon, layout_of, running_daemon, write_config
+from tests.mounts import loop_mounted, make_image, needs_root, unmount
 
 
 def serve(config: Path) -> subprocess.CompletedProcess[str]:
@@ -167,3 +168,58 @@ def test_a_drive_that_comes_and_goes(tmp_path: Path) -> None:
         assert info["error"] is None
         assert client.call("stats")["downloads"] == {"completed": 1}
         assert daemon.stop() == 0
+
+
+@needs_root
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("at_mount_point", [False, True], ids=["below", "at-the-mount-point"])
+def test_a_drive_unmounted_under_the_daemon_stops_it_and_fails_no_download(
+    tmp_path: Path, at_mount_point: bool
+) -> None:
+    image = tmp_path / "drive.img"
+    make_image(image, "ext4", 64)
+    mount_point = tmp_path / "mnt"
+    library = tmp_path / "sd" / "media"  # the state on the SD card, the downloads on the drive
+    # At the mount point, the folder is still there once the drive is gone (an empty one on
+    # the SD card): the daemon tells by its file system.
+    downloads = mount_point if at_mount_point else mount_point / "downloads"
+    payload = new_payload(tmp_path / "payload", {"film.mkv": 4_000_000})
+    with loop_mounted(image, mount_point, "ext4"):
+        config = write_config(
+            tmp_path / "etc", library, download_path=str(downloads), libtorrent=NO_QUEUE
+        )
+        with seeding_now(payload, upload_rate_limit=200_000) as seeder:
+            daemon = Daemon(config).wait_ready()
+            try:
+                with daemon.client() as client:
+                    add_torrent(client, payload, task_id="film", peers=[seeder.peer])
+                    wait_until(
+                        lambda: client.call("get", task_id="film")["downloaded_bytes"] > 0,
+                        "the download to start",
+                    )
+                unmount(mount_point)  # lazily: the worker still has the files open
+                assert daemon.process.wait(DEADLINE) == exits.STORAGE_MISSING
+            finally:
+                daemon.close()
+            log = daemon.log.read_text()
+            gone = "is no longer on the file system" if at_mount_point else "does not exist"
+            assert f"download_path {downloads} {gone}" in log, log[-2000:]
+            assert "stopping (the downloads stay as they are)" in log, log[-2000:]
+            state = json.loads((library / "data" / "downloads.json").read_bytes())
+            assert state["downloads"]["film"]["status"] == "downloading"
+            assert state["downloads"]["film"]["error"] is None
+            assert not downloads.exists() or list(downloads.iterdir()) == []  # nothing made
+
+            refused = str(downloads / "torrents") if at_mount_point else str(downloads)
+            assert_refused_naming(serve(config), refused, "mounted")
+
+            session = seeder.session  # the rest at full speed
+            local = session.get_peer_class(session.local_peer_class_id)
+            session.set_peer_class(session.local_peer_class_id, {**local, "upload_limit": 0})
+            with (
+                loop_mounted(image, mount_point, "ext4"),
+                running_daemon(config) as again,
+                again.client() as client,
+            ):
+                wait_status(client, "film", "completed")
+                assert files_under(downloads / payload.name) == payload_files(payload)
