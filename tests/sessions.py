@@ -180,5 +180,8 @@ async def running_session(
 
 def resume_progress(path: Path) -> float:
     """The share of pieces that a .fastresume file says are downloaded (as libtorrent reads it)."""
-    have = lt.read_resume_data(path.read_bytes()).have_pieces
-    return sum(1 for piece in have if piece) / len(have) if len(have) else 0.0
+    params = lt.read_resume_data(path.read_bytes())
+    have = params.have_pieces
+    # libtorrent pads the bitfield to a multiple of 8: the torrent says how many pieces it has.
+    pieces = params.ti.num_pieces() if params.ti is not None else len(have)
+    return sum(1 for piece in have if piece) / pieces if pieces else 0.0
