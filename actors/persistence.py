@@ -50,6 +50,7 @@ from actors.messages.persistence import (
     RecordChanges,
     RecordReply,
     RemoveRecord,
+    RetryRecord,
     SnapshotReply,
     StateMutation,
     UpdateRecord,
@@ -160,6 +161,17 @@ def apply_mutation(
         index.discard(current)
         index.add(updated)
         return Applied(updated)
+    if isinstance(mutation, RetryRecord):
+        if current.status is not DownloadStatus.FAILED:
+            raise BadRequest(
+                f"download {current.task_id} is {current.status}; "
+                "only a failed download can be retried"
+            )
+        retried = current.model_copy(
+            update={"status": DownloadStatus.QUEUED, "error": None, "completed_at": None}
+        )
+        downloads[mutation.task_id] = retried
+        return Applied(retried)
     if isinstance(mutation, AckRecord) and current.status not in FINISHED_STATUSES:
         raise BadRequest(
             f"download {current.task_id} is {current.status}; "
@@ -440,6 +452,11 @@ class Persistence:
     async def ack(self, task_id: str) -> DownloadRecord:
         """Forgets a completed or failed download; returns it once that is on disk."""
         return await self._record(AckRecord(task_id=task_id))
+
+    async def retry(self, task_id: str) -> DownloadRecord:
+        """Makes a failed download `queued` again, its error cleared; returns it once that is
+        on disk. `BadRequest` when it is not failed."""
+        return await self._record(RetryRecord(task_id=task_id))
 
     async def get(self, task_id: str) -> DownloadRecord:
         return await self._record(GetRecord(task_id=task_id))

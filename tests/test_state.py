@@ -20,6 +20,7 @@ from actors.messages.persistence import (
     AddRecord,
     RecordChanges,
     RemoveRecord,
+    RetryRecord,
     StateMutation,
     UpdateRecord,
 )
@@ -321,6 +322,7 @@ MUTATIONS: st.SearchStrategy[StateMutation] = st.one_of(
     st.builds(UpdateRecord, task_id=TASK_IDS, changes=CHANGES),
     st.builds(RemoveRecord, task_id=TASK_IDS),
     st.builds(AckRecord, task_id=TASK_IDS),
+    st.builds(RetryRecord, task_id=TASK_IDS),
 )
 
 

@@ -73,6 +73,14 @@ class AckRecord(Message):
     task_id: TaskId
 
 
+class RetryRecord(Message):
+    """Make a failed download active again (a retry): `queued`, its error and completion time
+    cleared. Fails with `not_found`, and with `bad_request` when it is not failed."""
+
+    kind: Literal["retry_record"] = "retry_record"
+    task_id: TaskId
+
+
 class GetSnapshot(Message):
     """All downloads as last saved; never waits for a write."""
 
@@ -127,12 +135,13 @@ class PersistenceStatsReply(Message):
     committed_mutations: int
 
 
-StateMutation = AddRecord | UpdateRecord | RemoveRecord | AckRecord
+StateMutation = AddRecord | UpdateRecord | RemoveRecord | AckRecord | RetryRecord
 PersistenceCommand = Annotated[
     AddRecord
     | UpdateRecord
     | RemoveRecord
     | AckRecord
+    | RetryRecord
     | GetSnapshot
     | GetRecord
     | GetPersistenceStats,
