@@ -66,6 +66,7 @@ from actors.messages.session import (
     PauseDownload,
     RemoveDownload,
     ResumeDownload,
+    RetryDownload,
     SaveAllResumeData,
     SessionCommand,
     SessionEvent,
@@ -759,6 +760,9 @@ class SessionActor(Actor[SessionCommand]):
                     time.monotonic() - self._last_heartbeat if self._last_heartbeat else None
                 ),
             )
+        if isinstance(command, RetryDownload):
+            # Before any worker is needed: a replay by the next one must not trust it either.
+            await self._forget_resume_data(command.record.task_id)
         # Every command is safe to repeat (a retried add answers like the first), so one that
         # met a dying worker is sent again to the next one; the replay restored the rest.
         try:
@@ -828,7 +832,33 @@ class SessionActor(Actor[SessionCommand]):
             )
         elif isinstance(command, RemoveDownload):
             await self._remove(worker, command)
+        elif isinstance(command, RetryDownload):
+            await self._retry(worker, command.record)
         return DoneReply()
+
+    async def _retry(self, worker: WorkerProcess, record: DownloadRecord) -> None:
+        """Adds a failed download again without resume data (see `RetryDownload`)."""
+        task_id = record.task_id
+        self._forgotten.add(task_id)  # what the failed one still sends is dropped
+        with contextlib.suppress(NotFound):  # not in the session: it failed to replay, say
+            await worker.request(
+                lambda request_id: RemoveTorrent(id=request_id, task_id=task_id),
+                self._options.request_timeout,
+                DoneReply,
+            )
+        await self._flush_worker_events()
+        await self._forget_resume_data(task_id)  # one the old torrent saved meanwhile, too
+        source = await anyio.to_thread.run_sync(self._read_source, record)
+        await self._add(worker, record, _Sources(source.torrent_b64, None, source.problem))
+
+    async def _forget_resume_data(self, task_id: str) -> None:
+        """Deletes a download's .fastresume, and drops its resume writes waiting for a retry:
+        they claim pieces of files that a retry checks again."""
+        self._unwritten_resume.pop(task_id, None)
+        self._problems.clear(_resume_problem(task_id))
+        path = self._options.layout.resume_path(task_id)
+        with contextlib.suppress(FileNotFoundError):
+            await anyio.to_thread.run_sync(path.unlink)
 
     async def _remove(self, worker: WorkerProcess, command: RemoveDownload) -> None:
         """Takes the download out of the session and deletes its .torrent copy and resume data
@@ -956,7 +986,7 @@ def _wait_for_space(task_ids: tuple[str, ...], reason: str) -> Callable[[int], W
 
 def _task_of(command: SessionCommand) -> str | None:
     """The download a command changes, if it changes one."""
-    if isinstance(command, AddDownload):
+    if isinstance(command, AddDownload | RetryDownload):
         return command.record.task_id
     if isinstance(command, PauseDownload | ResumeDownload | RemoveDownload | SetDownloadFiles):
         return command.task_id
@@ -1004,6 +1034,10 @@ class Session:
         await self.ref.ask(
             RemoveDownload(task_id=task_id, delete_files=delete_files), timeout=self._timeout
         )
+
+    async def retry(self, record: DownloadRecord) -> None:
+        """Starts a failed download again as `record` (saved active), checking its files."""
+        await self.ref.ask(RetryDownload(record=record), timeout=self._timeout)
 
     async def set_files(self, task_id: str, priorities: tuple[int, ...]) -> None:
         await self.ref.ask(

@@ -41,6 +41,16 @@ class RemoveDownload(Message):
     delete_files: bool = False
 
 
+class RetryDownload(Message):
+    """Start a failed download again, as saved in `record` (now active): out of the session if
+    it is still there (in libtorrent's error state), its resume data deleted, then added again
+    from its kept .torrent or magnet without resume data, so libtorrent checks the files on
+    disk and fetches only what they lack. Its .torrent copy and its files are kept."""
+
+    kind: Literal["retry_download"] = "retry_download"
+    record: DownloadRecord
+
+
 class SetDownloadFiles(Message):
     kind: Literal["set_download_files"] = "set_download_files"
     task_id: TaskId
@@ -76,6 +86,7 @@ SessionCommand = Annotated[
     | PauseDownload
     | ResumeDownload
     | RemoveDownload
+    | RetryDownload
     | SetDownloadFiles
     | GetDownloadStatus
     | SaveAllResumeData
