@@ -57,6 +57,7 @@ from actors.errors import (
     StateWriteFailed,
     UnknownOp,
 )
+from actors.layout import replay_torrent
 from actors.mailbox import KeyedLock
 from actors.messages.base import Message
 from actors.messages.persistence import AddRecordReply, RecordChanges
@@ -173,6 +174,7 @@ class ApiService:
             "cancel": (CancelParams, self.cancel),
             "set_files": (SetFilesParams, self.set_files),
             "ack": (TaskParams, self.ack),
+            "retry": (TaskParams, self.retry),
             "stats": (NoParams, self.stats),
         }
 
@@ -354,6 +356,41 @@ class ApiService:
         async with self._changing(task_id):
             await self._forget(self._persistence.ack(task_id), task_id)
             return EmptyResult()
+
+    async def retry(self, params: TaskParams) -> DownloadInfo:
+        """Starts a failed download again from its kept .torrent or magnet: saved `queued`
+        with its error cleared, then added to libtorrent without resume data, so the files on
+        disk are checked and only what they lack is fetched. `invalid_torrent`, and nothing
+        changed, when it has neither a usable .torrent nor a magnet."""
+        task_id = params.task_id
+        async with self._changing(task_id):
+            record = await self._persistence.get(task_id)
+            if record.status is not DownloadStatus.FAILED:
+                raise BadRequest(
+                    f"download {task_id} is {record.status}; only a failed download can be retried"
+                )
+            layout = self._config.layout
+            source = await anyio.to_thread.run_sync(replay_torrent, record, layout)
+            if source.data is None and not record.magnet_link:
+                why = source.problem or "it has neither a .torrent nor a magnet link"
+                raise InvalidTorrent(f"download {task_id} cannot be retried: {why}")
+            record = await self._persistence.retry(task_id)
+            self._bus.publish(lambda seq: DownloadResumedEvent(seq=seq, task_id=task_id))
+            try:
+                await self._session.retry(record)
+            except NotReady:
+                raise  # saved: the next worker's replay adds it, checking its files
+            except DlkeeperError as exc:
+                # libtorrent refused it (its .torrent went bad since the look above): failed
+                # again, with the reason, as a replay that fails.
+                failed = await self._persistence.update(
+                    task_id,
+                    RecordChanges(status=DownloadStatus.FAILED, error=f"cannot be retried: {exc}"),
+                    if_status=ACTIVE_STATUSES,
+                )
+                self._bus.publish(lambda seq: failed_event(failed, seq))
+                raise
+            return await self._info(record)
 
     def subscribe(self, params: dict[str, Any]) -> EventFeed:
         """The events for one subscriber, once `open()`ed: every unacknowledged completion and
@@ -654,6 +691,10 @@ class EventFeed:
                 continue
             backlog.add(record.task_id)
         async for event in subscription.events:
+            if isinstance(event, DownloadResumedEvent):
+                # A retry: the failure sent from the state file is over, and the download's
+                # completion or next failure is news.
+                backlog.discard(event.task_id)
             if (
                 isinstance(event, DownloadCompletedEvent | DownloadFailedEvent)
                 and event.task_id in backlog

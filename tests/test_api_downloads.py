@@ -43,6 +43,7 @@ from tests.daemons import RawClient, running_daemon
         ("cancel", {"delete_files": True}),
         ("set_files", {"file_priorities": [1]}),
         ("ack", {}),
+        ("retry", {}),
     ],
 )
 def test_an_unknown_task_id_is_not_found(api: RawClient, op: str, params: dict[str, Any]) -> None:

@@ -24,7 +24,9 @@ from tests.daemons import (
 pytestmark = pytest.mark.timeout(240)
 
 CODES = CONTRACT_ERROR_CODES
-OPS = ["ping", "add", "get", "list", "pause", "resume", "cancel", "set_files", "ack", "stats"]
+OPS = [
+    "ping", "add", "get", "list", "pause", "resume", "cancel", "set_files", "ack", "retry", "stats",
+]  # fmt: skip
 PARAMS = [
     "magnet",
     "torrent_b64",

@@ -1,11 +1,12 @@
 """The message API against a model of its contract (CONTRACT section 2): a hypothesis state
 machine drives a real daemon with adds (torrent_b64 or torrent_path, some paused, with or without
-file priorities), pauses, resumes, set_files, cancels, acks, refused requests, clean restarts and
-SIGKILLs, in random order, and checks each reply against what the model expects. The model is a
-dict task_id -> status and priorities; its rules are the contract's: an add of a task_id that
-exists with the same torrent returns it unchanged, with another torrent is `duplicate`, and so is
-a torrent held under another task_id; pause, resume and set_files of a completed download are
-`bad_request`, an ack of one that is not completed too; an unknown task_id is `not_found`.
+file priorities), pauses, resumes, set_files, cancels, acks, retries, refused requests, clean
+restarts and SIGKILLs, in random order, and checks each reply against what the model expects. The
+model is a dict task_id -> status and priorities; its rules are the contract's: an add of a
+task_id that exists with the same torrent returns it unchanged, with another torrent is
+`duplicate`, and so is a torrent held under another task_id; pause, resume and set_files of a
+completed download are `bad_request`, an ack of one that is not completed too, and a retry of
+any (none fails here); an unknown task_id is `not_found`.
 
 After every step: downloads.json holds exactly the model (every change answered `ok`, none
 lost; after a SIGKILL too), `list` and the file agree (same task_ids; a saved paused is listed
@@ -560,6 +561,15 @@ class ApiModel(RuleBasedStateMachine):
         else:
             assert self.ok("ack", task_id=task_id) == {}
             del self.model[task_id]
+
+    @rule(target_name=TARGETS)
+    def retry(self, target_name: str) -> None:
+        # No download of the model ever fails (no fault is made here): a retry is always
+        # refused, and changes nothing (the invariants check the state file).
+        self.count("retry")
+        task_id = self.target(target_name)
+        code = "not_found" if task_id not in self.model else "bad_request"
+        self.refused(code, "retry", task_id=task_id)
 
     @rule(target_name=TARGETS)
     def get(self, target_name: str) -> None:
