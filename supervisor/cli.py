@@ -1,7 +1,7 @@
 """`dlkeeper`: the command line (console script entry point `main`).
 
 `serve` runs the daemon; the client commands (`ls`, `info`, `add`, `pause`, `resume`, `cancel`,
-`ack`, `stats`, `watch`) talk to a running daemon through its socket and live in
+`ack`, `retry`, `stats`, `watch`) talk to a running daemon through its socket and live in
 `supervisor.commands`, imported only when one of them runs: `serve` never loads rich.
 """
 
@@ -199,6 +199,15 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "acknowledge a completed or failed download (the daemon forgets it; files stay)",
         "Tell the daemon a completed or failed download was taken care of: the daemon forgets "
         "it and stops re-sending its event. The downloaded files stay where they are.",
+        of_one=True,
+    )
+    command(
+        "retry",
+        "start a failed download again, checking the files it has on disk",
+        "Start a failed download again from its kept .torrent or magnet, under the same task "
+        "id: the files already on disk are checked, not downloaded again, and its error is "
+        "cleared. Prints its new status: queued, checking or downloading (--json: the "
+        "download, as `info --json` shows it).",
         of_one=True,
     )
     command(

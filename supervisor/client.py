@@ -533,6 +533,12 @@ class DlkeeperClient:
         it (the files stay) and stops re-sending its event. Send it after the import."""
         await self._call("ack", {"task_id": task_id})
 
+    async def retry(self, task_id: str) -> DownloadInfo:
+        """Starts a failed download again from its kept .torrent or magnet: the files on disk
+        are checked, not fetched again, and its error is cleared. Raises `NotFound`, and
+        `BadRequest` for a download that is not failed."""
+        return _parse(DownloadInfo, await self._call("retry", {"task_id": task_id}), "retry")
+
     async def stats(self) -> StatsResult:
         """Counts by status, replay and worker restart figures, uptime, current problems, and
         the free bytes on the download file system (None when they cannot be read)."""

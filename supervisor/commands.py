@@ -1,6 +1,6 @@
 """The client commands of `dlkeeper`: `ls`, `info`, `add`, `pause`, `resume`, `cancel`, `ack`,
-`stats` and `watch` (in `supervisor.watch`), each a short session with the running daemon through
-`DlkeeperClient`.
+`retry`, `stats` and `watch` (in `supervisor.watch`), each a short session with the running
+daemon through `DlkeeperClient`.
 
 Output is a table for people (rich; plain text with no colour codes when it is not a terminal)
 or, with `--json`, the result the contract defines. Exit status: 0 done; 1 when the daemon is not
@@ -195,6 +195,10 @@ async def _ack(client: DlkeeperClient, args: argparse.Namespace, console: Consol
     return exits.OK
 
 
+async def _retry(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:
+    return _show_status(await client.retry(args.task_id), args, console)
+
+
 async def _stats(client: DlkeeperClient, args: argparse.Namespace, console: Console) -> int:
     stats = await client.stats()
     if args.json:
@@ -226,6 +230,7 @@ HANDLERS: dict[str, Handler] = {
     "resume": _resume,
     "cancel": _cancel,
     "ack": _ack,
+    "retry": _retry,
     "stats": _stats,
 }
 

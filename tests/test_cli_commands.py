@@ -341,7 +341,8 @@ def test_help_lists_every_command() -> None:
     )
     listed = re.findall(r"^    (\w+)", result.stdout, flags=re.MULTILINE)
     assert listed == [
-        "serve", "ls", "info", "add", "pause", "resume", "cancel", "ack", "stats", "watch", "demo",
+        "serve", "ls", "info", "add", "pause", "resume", "cancel", "ack", "retry", "stats", "watch",
+        "demo",
     ]  # fmt: skip
 
 

@@ -31,6 +31,7 @@ COMMANDS = {
         "resume",
         "cancel",
         "ack",
+        "retry",
         "stats",
         "watch",
         "demo",
